@@ -1,0 +1,26 @@
+"""steer_experts: find the expert neurons of a language model for a concept, and steer generation with them.
+
+The modules follow the pipeline, in the order a newcomer should read them:
+concepts -> models -> responses -> expertise -> experts -> interventions -> steering -> hub.
+"""
+
+from .concepts import Concept, ConceptDataError, ConceptSet
+from .models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model, locate_units, register_unit_kind
+from .responses import Responses, collect_responses
+from .expertise import Expertise, compute_expertise
+from .experts import ExpertSelection, ExpertSet, ModelMismatchError, discover
+from .interventions import ExpertIntervention
+from .steering import SteeredModel, steer
+from .hub import HubUnavailableError
+
+__all__ = [
+    "Concept", "ConceptDataError", "ConceptSet",
+    "DEFAULT_MODEL", "LoadedModel", "ModelNotFoundError", "load_model", "locate_units", "register_unit_kind",
+    "Responses", "collect_responses",
+    "Expertise", "compute_expertise",
+    "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",
+    "ExpertIntervention",
+    "SteeredModel", "steer",
+    "HubUnavailableError",
+]
+__version__ = "0.1.0"

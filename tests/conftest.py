@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random models of every architecture, the real SmolLM2, the OneSec data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ONESEC = SHARED_DATA / "concepts" / "onesec"
+MEN = SHARED_DATA / "human" / "men"
+
+needs_shared_data = pytest.mark.skipif(
+    not ONESEC.is_dir(), reason=f"real concept data not found at {ONESEC.resolve()} (it sits beside the checkout in CI)"
+)
+
+TINY = dict(hidden=32, inner=48, layers=2, heads=4)
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer random config of ``arch`` (llama, gemma3, gpt2, qwen2, gpt_neox)."""
+    h, i, n, a = TINY["hidden"], TINY["inner"], TINY["layers"], TINY["heads"]
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                           num_attention_heads=a, num_key_value_heads=2)
+    if arch == "gemma3":
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                                num_attention_heads=a, num_key_value_heads=2, head_dim=h // a)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=h, n_inner=i, n_layer=n, n_head=a,
+                          bos_token_id=0, eos_token_id=0)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                           num_attention_heads=a, num_key_value_heads=2)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                             num_attention_heads=a, bos_token_id=0, eos_token_id=0)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "gemma3", "gpt2", "qwen2", "gpt_neox")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantised once into the user cache)."""
+    from steer_experts.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def tiny_model(request, tokenizer):
+    """A tiny random model of each architecture, with SmolLM2's tokenizer, as a LoadedModel."""
+    from steer_experts.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(request.param, len(tokenizer)), dtype=torch.float32).eval()
+    return LoadedModel.from_hf(model, tokenizer, name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def onesec():
+    """The three real OneSec concepts (football, man, woman)."""
+    if not ONESEC.is_dir():
+        pytest.skip(f"real concept data not found at {ONESEC.resolve()} (it sits beside the checkout in CI)")
+    from steer_experts.concepts import ConceptSet
+
+    return ConceptSet.load(ONESEC)
+
+
+@pytest.fixture(scope="session")
+def response_cache(tmp_path_factory):
+    """One response cache for the whole session, so real responses are collected once."""
+    return tmp_path_factory.mktemp("responses")
+
+
+@pytest.fixture(scope="session")
+def football_experts(smollm2, onesec, response_cache):
+    """Experts of OneSec football on the real SmolLM2 (700 positives, 1000 negatives, all 46,080 neurons)."""
+    from steer_experts.experts import discover
+
+    return discover(smollm2, onesec.subset(["football"]), cache_dir=response_cache, progress=False)
