@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -26,6 +27,93 @@ def _discover(args: argparse.Namespace) -> None:
     print(f"\nWrote {out}/ (expert set) and {figure}.")
 
 
+def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 48) -> str:
+    columns = [textwrap.wrap(text.strip(), width) or [""] for text in (left, right)]
+    rows = [f"{titles[0]:<{width}} | {titles[1]}", f"{'-' * width}-+-{'-' * width}"]
+    for i in range(max(map(len, columns))):
+        a, b = (col[i] if i < len(col) else "" for col in columns)
+        rows.append(f"{a:<{width}} | {b}")
+    return "\n".join(rows)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .experts import ExpertSet
+    from .models import load_model
+    from .steering import steer
+
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1.")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    experts = ExpertSet.from_pretrained(args.experts, model=model)
+    selection = {"k": args.k} if args.tau is None else {"tau": args.tau}
+    steered = steer(model, experts, args.concept, alpha=args.alpha, mode=args.mode, **selection)
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                    top_k=args.top_k, seed=args.seed)
+    enc = model.tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        gen = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature,
+                                                         "top_k": args.top_k}
+        plain_ids = model.model.generate(**enc, max_new_tokens=args.max_new_tokens,
+                                         pad_token_id=model.tokenizer.pad_token_id, **gen)
+    plain = model.tokenizer.decode(plain_ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    steered_text = steered.complete([args.prompt], **sampling)[0]
+    print(f"prompt: {args.prompt}\n{steered!r}\n")
+    print(_side_by_side(plain, steered_text, ("unsteered", f"steered toward {args.concept}")))
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .hub import upload_folder
+
+    folder = Path(args.experts)
+    known = ("expert_set.json", "steering.json")
+    if not any((folder / name).exists() for name in known):
+        raise FileNotFoundError(f"{folder} holds neither a saved expert set nor a steered model ({known}).")
+    print(upload_folder(folder, args.repo, private=args.private))
+
+
+def _load_experts(args: argparse.Namespace):
+    from .experts import ExpertSet
+
+    return ExpertSet.from_pretrained(args.experts)
+
+
+def _label(args: argparse.Namespace) -> None:
+    from .lens import label_neurons
+
+    experts = _load_experts(args)
+    if args.layer is not None:
+        rows = [{"layer": args.layer, "neuron": args.neuron, "concepts": experts.label(args.layer, args.neuron, args.tau)}]
+    else:
+        rows = label_neurons(experts, tau=args.tau)
+    for row in rows:
+        names = ", ".join(f"{c} ({ap:.3f})" for c, ap in row["concepts"]) or f"no concept with AP > {args.tau}"
+        print(f"L{row['layer']}/{row['neuron']}: {names}")
+
+
+def _search(args: argparse.Namespace) -> None:
+    from .lens import search_experts
+
+    rows = search_experts(_load_experts(args), args.concept, k=args.k, tau=args.tau)
+    print(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'AP':>7} {'AUROC':>7} {'on_p50':>8} {'off_mean':>8}")
+    for r in rows:
+        print(f"{r['rank']:>4} {r['layer']:>5} {r['neuron']:>6} {r['ap']:>7.4f} {r['auroc']:>7.4f} "
+              f"{r['on_p50']:>8.3f} {r['off_mean']:>8.3f}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from .lens import audit_unrelated
+
+    pairs = [p.split(",") for p in args.pair]
+    for row in audit_unrelated(_load_experts(args), pairs, tau=args.tau):
+        jaccard = "n/a" if row["jaccard"] is None else f"{row['jaccard']:.3f}"
+        print(f"{row['concept_a']} ~ {row['concept_b']}: {len(row['shared'])} shared experts (Jaccard {jaccard})")
+        for unit in row["shared"][:args.top]:
+            print(f"    L{unit['layer']}/{unit['neuron']}  AP {unit['ap_a']:.3f} / {unit['ap_b']:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steer-experts`` and all its subcommands."""
     parser = argparse.ArgumentParser(prog="steer-experts", description=__doc__)
@@ -44,6 +132,47 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32")
     d.add_argument("--device", default="cpu")
     d.set_defaults(run=_discover)
+
+    g = sub.add_parser("generate", help="print steered and unsteered continuations of a prompt side by side")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="smollm2-135m")
+    g.add_argument("--experts", required=True, help="folder (or hub id) of an expert set from `discover`")
+    g.add_argument("--concept", required=True)
+    g.add_argument("--k", type=int, default=50, help="number of experts (top k by AP)")
+    g.add_argument("--tau", type=float, help="use every expert with AP > tau instead of --k")
+    g.add_argument("--alpha", type=float, default=1.0, help="strength: 1 sets experts to their value")
+    g.add_argument("--mode", choices=("set", "dampen", "ablate"), default="set")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=10)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(run=_generate)
+
+    p = sub.add_parser("push", help="upload a saved expert set or steered model folder to the Hugging Face Hub")
+    p.add_argument("--experts", required=True, help="folder written by save_pretrained")
+    p.add_argument("--repo", required=True, help="Hub repo id, e.g. user/football-experts")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(run=_push)
+
+    for name, run, text in (("label", _label, "the concepts each neuron is expert for"),
+                            ("search", _search, "the experts of a concept"),
+                            ("audit", _audit, "experts shared by concepts declared unrelated")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--experts", required=True, help="folder (or hub id) of an expert set")
+        q.add_argument("--tau", type=float, default=0.5 if name != "search" else None, help="AP threshold")
+        q.set_defaults(run=run)
+        if name == "label":
+            q.add_argument("--layer", type=int)
+            q.add_argument("--neuron", type=int)
+        elif name == "search":
+            q.add_argument("concept")
+            q.add_argument("--k", type=int, default=10)
+        else:
+            q.add_argument("--pair", action="append", required=True, help="two concepts, comma-separated")
+            q.add_argument("--top", type=int, default=10, help="shared experts listed per pair")
     return parser
 
 

@@ -73,14 +73,18 @@ def upload_folder(folder: str | Path, repo_id: str, private: bool = False, token
     return str(url)
 
 
-def render_model_card(config: dict) -> str:
+def render_model_card(config: dict, repo_id: str | None = None) -> str:
     """The README.md of a saved steered model, from its ``steering.json`` contents.
 
     It names the base model and its fingerprint, the concepts and how each is
     steered, the expert selection, alpha, mode, AP statistics of the chosen
-    experts, and how to load it.
+    experts, and how to load it (from ``repo_id`` when given).
     """
+    from .models import EMBEDDED_MODELS
+
     spec, base = config["spec"], config["base_model"]
+    embedded = EMBEDDED_MODELS.get(base["name"])
+    hub_base = embedded.hub_id if embedded else (base["name"] if base["name"].count("/") == 1 else None)
     selection = next(f"{key} = {spec[key]}" for key in ("k", "tau", "per_layer") if spec[key] is not None)
     if spec.get("control"):
         selection += f" ({spec['control']} control units, seed {spec['seed']}, instead of experts)"
@@ -88,6 +92,7 @@ def render_model_card(config: dict) -> str:
     lines = [
         "---",
         "library_name: steer_experts",
+        *([f"base_model: {hub_base}"] if hub_base else []),
         "tags: [steering, expert-units, pyvene]",
         "---",
         "",
@@ -104,7 +109,12 @@ def render_model_card(config: dict) -> str:
         + (f", value `{spec['value']}`" if spec["value"] else "")
         + f"; suppression mode `{spec['suppress']}`; alpha = {spec['alpha']:g}",
         f"- **Positions steered by default:** {spec['positions']}",
-        f"- **Units claimed by two concepts:** {config['contested_units']} (the concept with the higher AP wins)",
+        f"- **Units claimed by more than one concept:** {config['contested_units']} "
+        "(the concept with the higher AP for the unit wins; on a tie, the one named first)",
+        "",
+        "Each steered unit z becomes z + w (v - z) at every steered position: `set` uses w = alpha x strength "
+        "and v = the expert's value under the concept; `dampen` (AurA) w = alpha x |strength| x 2 (AUROC - 0.5) "
+        "and v = 0; `ablate` w = alpha x |strength| and v = 0 or the mean response on negatives.",
         "",
         "| concept | strength | units | AP min | AP median | AP max | weight range | target range |",
         "|---|---|---|---|---|---|---|---|",
@@ -125,7 +135,8 @@ def render_model_card(config: dict) -> str:
         "```python",
         "from steer_experts.models import load_model",
         "from steer_experts.steering import SteeredModel",
-        f"steered = SteeredModel.from_pretrained(\"<this folder or repo id>\", load_model({base['name']!r}))",
+        f"steered = SteeredModel.from_pretrained({repo_id or '<this folder or repo id>'!r}, "
+        f"load_model({base['name']!r}))",
         "print(steered.complete(\"Once upon a time\", max_new_tokens=30, do_sample=True, seed=0))",
         "```",
         "",

@@ -1,0 +1,165 @@
+"""Stage 6: expert interventions as pyvene interventions.
+
+One :class:`ExpertIntervention` sits on one layer's units (the *input* of the
+MLP down projection, i.e. the true neuron, never act(gate) alone) and moves
+every unit u toward a target::
+
+    z_u <- z_u + w_u * (v_u - z_u)        (torch.lerp; w_u = 0 leaves z_u as is)
+
+Every steering mode is this one formula with different (w, v): setting an expert
+to its expected value is w = alpha, v = on_p50; AurA dampening (z <- f z) is
+w = 1 - f, v = 0; ablation is v = 0 or v = off_mean.
+
+The whole state is pyvene's ``source_representation``, a float32 tensor of
+shape (2, width): row 0 holds w, row 1 holds v. pyvene's ``IntervenableModel.load``
+rebuilds interventions from config fields and restores only that tensor, so this
+design round-trips through pyvene's own ``save``/``load``.
+
+pyvene has side effects on the model it wraps; :func:`build_intervenable` and
+:func:`pyvene_call` undo them (gradients flags, train mode, forward hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import ChainMap
+from typing import Iterator, Mapping
+
+import torch
+
+with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight notice to stdout on import
+    import pyvene
+    from pyvene.models import modeling_utils as _pyvene_modeling
+    from pyvene.models.interventions import ConstantSourceIntervention, LocalistRepresentationIntervention
+
+from .models import UnitSite
+
+WEIGHT_ROW, TARGET_ROW = 0, 1
+
+
+class _DimensionTable(ChainMap):
+    """pyvene's per-model-class dimension table, answering ``{}`` for classes it lacks.
+
+    ``IntervenableModel.load`` looks the model class up in that table and raises
+    KeyError for classes pyvene has no mapping for (gemma3). Interventions on a
+    module path need no dimension, so an empty table is the right answer. The
+    ChainMap stays a live view of pyvene's dict: registrations made later by
+    users are still seen.
+    """
+
+    def __missing__(self, key):
+        return {}
+
+
+if not isinstance(_pyvene_modeling.type_to_dimension_mapping, _DimensionTable):
+    _pyvene_modeling.type_to_dimension_mapping = _DimensionTable(_pyvene_modeling.type_to_dimension_mapping)
+
+
+class ExpertIntervention(ConstantSourceIntervention, LocalistRepresentationIntervention):
+    """Move each unit of one layer toward a target: ``z <- lerp(z, target, weight)``.
+
+    Build it with :meth:`from_units`. Its state is ``source_representation``,
+    float32 of shape (2, width): row 0 the per-unit weight (0 = untouched, 1 =
+    set exactly to the target, > 1 overshoots), row 1 the per-unit target in
+    activation units. It acts on every position pyvene hands it.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        state = getattr(self, "source_representation", None)
+        if state is not None and (state.dim() != 2 or state.shape[0] != 2):
+            raise ValueError(f"ExpertIntervention state must have shape (2, width); got {tuple(state.shape)}.")
+
+    @classmethod
+    def from_units(cls, width: int, neurons, weights, targets) -> "ExpertIntervention":
+        """An intervention on a layer ``width`` units wide that moves ``neurons`` (indices) toward
+        ``targets`` (activation units) with ``weights`` (0 = untouched, 1 = set); other units untouched."""
+        neurons = torch.as_tensor(neurons, dtype=torch.long)
+        state = torch.zeros(2, width, dtype=torch.float32)
+        state[WEIGHT_ROW, neurons] = torch.as_tensor(weights, dtype=torch.float32)
+        state[TARGET_ROW, neurons] = torch.as_tensor(targets, dtype=torch.float32)
+        return cls(source_representation=state)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Per-unit weight, shape (width,)."""
+        return self.source_representation[WEIGHT_ROW]
+
+    @property
+    def target(self) -> torch.Tensor:
+        """Per-unit target value, shape (width,), activation units."""
+        return self.source_representation[TARGET_ROW]
+
+    def forward(self, base, source=None, subspaces=None, **kwargs):
+        state = self.source_representation
+        if state is None:
+            raise RuntimeError("ExpertIntervention has no state: it was built without source_representation.")
+        # .to is a no-op when device and dtype already match; after pyvene's load the
+        # state may be a plain attribute that model.to(...) did not move.
+        state = state.to(base.device, base.dtype)
+        # lerp is exact at both ends: weight 0 returns z, weight 1 returns the target.
+        return torch.lerp(base, state[TARGET_ROW], state[WEIGHT_ROW])
+
+    def __str__(self):
+        return f"ExpertIntervention({int((self.weight != 0).sum())} of {self.weight.numel()} units)"
+
+
+def build_intervenable(model: torch.nn.Module, interventions: Mapping[UnitSite, ExpertIntervention]
+                       ) -> "pyvene.IntervenableModel":
+    """Wrap ``model`` in a pyvene ``IntervenableModel`` with one intervention per site (on its input).
+
+    pyvene turns off ``requires_grad`` on every parameter and calls ``model.eval()``;
+    both are restored here, so the model is as it was apart from being wrapped.
+    """
+    representations = [
+        pyvene.RepresentationConfig(
+            component=site.pyvene_component, unit="pos", max_number_of_units=None,
+            intervention=intervention, source_representation=intervention.source_representation,
+        )
+        for site, intervention in interventions.items()
+    ]
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    training = model.training
+    try:
+        with pyvene_call(model):
+            return pyvene.IntervenableModel(pyvene.IntervenableConfig(representations=representations), model)
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _capture_flag_holders(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if "_output_capturing_hooks_installed" in m.__dict__]
+
+
+@contextlib.contextmanager
+def pyvene_call(model: torch.nn.Module) -> Iterator[None]:
+    """Run a pyvene call on ``model`` and give the model its own forward hooks back afterwards.
+
+    pyvene removes every forward and pre-forward hook of every submodule at each
+    call, including hooks you registered and transformers' output-capturing hooks
+    (after which ``output_hidden_states=True`` silently returns nothing). Inside
+    the block your hooks are inactive; transformers' capture flags are cleared so
+    it re-installs its hooks for the call. On exit every module's hooks and flags
+    are restored exactly as they were.
+    """
+    modules = list(model.modules())
+    saved_hooks = [(m, m._forward_hooks.copy(), m._forward_pre_hooks.copy()) for m in modules]
+    saved_flags = [(m, m.__dict__["_output_capturing_hooks_installed"]) for m in _capture_flag_holders(model)]
+    for m, _ in saved_flags:
+        m._output_capturing_hooks_installed = False
+    try:
+        yield
+    finally:
+        for m, forward_hooks, pre_hooks in saved_hooks:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(forward_hooks)
+            m._forward_pre_hooks.clear()
+            m._forward_pre_hooks.update(pre_hooks)
+        for m in _capture_flag_holders(model):
+            # hooks installed during the call were wiped by pyvene; only the saved state is true.
+            m.__dict__.pop("_output_capturing_hooks_installed")
+        for m, flag in saved_flags:
+            m._output_capturing_hooks_installed = flag

@@ -1,0 +1,482 @@
+"""Stage 7: steering generation with experts.
+
+:func:`steer` turns (model, expert set, concepts, k or tau, alpha, mode) into a
+:class:`SteeredModel`: a pyvene ``IntervenableModel`` with one
+:class:`~steer_experts.interventions.ExpertIntervention` per layer that holds
+experts, plus ``generate``/``complete``, a steered forward, and
+``save_pretrained``/``from_pretrained``/``push_to_hub``.
+
+Every mode moves unit z toward a target v with a per-unit weight w,
+``z <- z + w (v - z)``:
+
+* ``"set"``: do(c, k). w = alpha, v = the expert's expected value under the
+  concept (``value``, default ``"on_p50"``). alpha = 1 sets z = v exactly;
+  alpha in (0, 1) interpolates; alpha > 1 overshoots.
+* ``"dampen"``: AurA. z <- f z with f = 1 - alpha * 2 (AUROC - 0.5) for units
+  with AUROC > 0.5 (f = 1, untouched, otherwise); i.e. w = alpha * 2 (AUROC - 0.5), v = 0.
+* ``"ablate"``: w = alpha, v = 0 (``value="zero"``, default) or the mean
+  response on negatives (``value="off_mean"``). alpha < 1 scales a unit by
+  1 - alpha, so a constant dampening factor f is ``mode="ablate", alpha=1 - f``.
+
+Several concepts: pass ``{"football": +1, "woman": -1}``. A positive strength s
+steers toward the concept with ``mode`` and weight scale alpha * s; a negative
+one suppresses it with ``suppress`` (``"dampen"`` or ``"ablate"`` to zero) and
+scale alpha * |s|. ``value`` applies to the toward mode only.
+
+**A unit claimed by two concepts** is governed by the concept whose AP for that
+unit is higher (the unit is a better detector of it); on a tie, by the concept
+named first. The number of such contested units is kept in the plan and the
+model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write
+from .experts import VALUE_STATS, ExpertSet, ModelMismatchError
+from .interventions import ExpertIntervention, build_intervenable, pyvene_call
+from .models import LoadedModel, UnitSite, locate_units
+
+MODES = ("set", "dampen", "ablate")
+SUPPRESS_MODES = ("dampen", "ablate")
+POSITIONS = ("all", "prompt", "generated")
+ABLATE_VALUES = ("zero", "off_mean")
+FORMAT_VERSION = 1
+CONFIG_NAME = "steering.json"
+WEIGHTS_NAME = "steering.safetensors"
+CARD_NAME = "README.md"
+_PLAN_ARRAYS = ("layer", "neuron", "concept", "weight", "target", "ap", "auroc")
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """What was asked for (JSON-able): concepts with signed strengths, selection, mode.
+
+    ``concepts`` maps resolved concept names to strengths (> 0 toward, < 0 suppress).
+    Exactly one of ``k``/``tau``/``per_layer`` is set (see :meth:`ExpertSet.select`).
+    """
+
+    concepts: dict[str, float]
+    k: int | None = None
+    tau: float | None = None
+    per_layer: int | None = None
+    control: str | None = None
+    seed: int = 0
+    alpha: float = 1.0
+    mode: str = "set"
+    value: str | None = None
+    suppress: str = "dampen"
+    positions: str = "all"
+
+
+@dataclass
+class SteeringPlan:
+    """The units to steer, one row each, sorted by (layer, neuron).
+
+    ``concept`` indexes ``concepts``; ``weight`` (dimensionless) and ``target``
+    (activation units) define ``z <- z + weight (target - z)``; ``ap``/``auroc``
+    are the unit's scores for its concept. ``contested`` counts units that more
+    than one concept selected (resolved by higher AP).
+    """
+
+    concepts: list[str]
+    layer: np.ndarray
+    neuron: np.ndarray
+    concept: np.ndarray
+    weight: np.ndarray
+    target: np.ndarray
+    ap: np.ndarray
+    auroc: np.ndarray
+    contested: int = 0
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def interventions(self, sites: Sequence[UnitSite]) -> dict[UnitSite, ExpertIntervention]:
+        """One :class:`ExpertIntervention` per site that holds at least one unit of the plan."""
+        out = {}
+        for site in sites:
+            rows = self.layer == site.layer
+            if rows.any():
+                out[site] = ExpertIntervention.from_units(
+                    site.width, self.neuron[rows], self.weight[rows], self.target[rows])
+        return out
+
+    def concept_summary(self) -> list[dict]:
+        """Per concept: unit count, AP min/median/mean/max, weight and target ranges, units per layer."""
+        rows = []
+        for c, name in enumerate(self.concepts):
+            mine = self.concept == c
+            ap = self.ap[mine]
+            row = {"concept": name, "units": int(mine.sum())}
+            if mine.any():
+                row.update(
+                    ap_min=float(ap.min()), ap_median=float(np.median(ap)), ap_mean=float(ap.mean()),
+                    ap_max=float(ap.max()), weight_min=float(self.weight[mine].min()),
+                    weight_max=float(self.weight[mine].max()), target_min=float(self.target[mine].min()),
+                    target_max=float(self.target[mine].max()),
+                    layers={str(int(k)): int(v) for k, v in zip(*np.unique(self.layer[mine], return_counts=True))},
+                )
+            rows.append(row)
+        return rows
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def _unit_rule(selection, mode: str, value: str | None, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, target) per selected unit for one concept under ``mode``."""
+    n = len(selection)
+    if mode == "dampen":
+        gini = 2.0 * (selection.auroc.astype(np.float64) - 0.5)
+        weight = np.where(selection.auroc > 0.5, scale * gini, 0.0)
+        return weight.astype(np.float32), np.zeros(n, np.float32)
+    return np.full(n, scale, np.float32), selection.values(value)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain_int(x):
+    # numpy integers are accepted by ExpertSet.select but not by json.dumps
+    return int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x
+
+
+def checked_spec(spec: SteeringSpec) -> SteeringSpec:
+    """Validate ``spec``; return it with plain Python numbers (JSON-able). Raises ValueError."""
+    if spec.mode not in MODES:
+        raise ValueError(f"Unknown mode {spec.mode!r}; choose one of {MODES}.")
+    if spec.suppress not in SUPPRESS_MODES:
+        raise ValueError(f"Unknown suppress mode {spec.suppress!r}; choose one of {SUPPRESS_MODES}.")
+    if spec.positions not in POSITIONS:
+        raise ValueError(f"Unknown positions {spec.positions!r}; choose one of {POSITIONS}.")
+    if not _is_number(spec.alpha) or spec.alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0; got {spec.alpha!r}. "
+                         "To push a concept away, give it a negative strength instead.")
+    allowed = {"set": VALUE_STATS, "ablate": ABLATE_VALUES, "dampen": ()}[spec.mode]
+    if spec.value is not None and spec.value not in allowed:
+        raise ValueError(f"value={spec.value!r} does not fit mode {spec.mode!r}; allowed: "
+                         f"{allowed or 'none (dampen derives each factor from the AUROC)'}.")
+    if not spec.concepts:
+        raise ValueError("No concepts given: pass a concept name or a {concept: strength} mapping.")
+    for name, strength in spec.concepts.items():
+        if not _is_number(strength) or strength == 0:
+            raise ValueError(f"Strength of concept {name!r} must be a finite non-zero number "
+                             f"(> 0 toward, < 0 suppress); got {strength!r}.")
+    return replace(spec, concepts={n: float(s) for n, s in spec.concepts.items()}, alpha=float(spec.alpha),
+                   k=_plain_int(spec.k), per_layer=_plain_int(spec.per_layer),
+                   tau=float(spec.tau) if _is_number(spec.tau) else spec.tau)
+
+
+def plan_steering(experts: ExpertSet, spec: SteeringSpec) -> SteeringPlan:
+    """Select each concept's experts and turn them into per-unit (weight, target) rows.
+
+    Raises KeyError for an unknown concept and ValueError for any other bad
+    argument (k larger than the units available, alpha NaN, unknown mode...).
+    """
+    spec = checked_spec(spec)
+    parts = []
+    for c, (name, strength) in enumerate(spec.concepts.items()):
+        selection = experts.select(name, k=spec.k, tau=spec.tau, per_layer=spec.per_layer,
+                                   control=spec.control, seed=spec.seed)
+        toward = strength > 0
+        mode = spec.mode if toward else spec.suppress
+        value = (spec.value if toward else None) or {"set": "on_p50", "ablate": "zero"}.get(mode)
+        weight, target = _unit_rule(selection, mode, value, spec.alpha * abs(strength))
+        parts.append(dict(units=selection.units, layer=selection.layer, neuron=selection.neuron,
+                          concept=np.full(len(selection), c, np.int64), weight=weight, target=target,
+                          ap=selection.ap.astype(np.float64), auroc=selection.auroc.astype(np.float64)))
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    # Contested units: the highest AP wins, then the concept named first.
+    order = np.lexsort((cat["concept"], -cat["ap"]))
+    _, first = np.unique(cat["units"][order], return_index=True)
+    keep = order[first]
+    keep = keep[np.lexsort((cat["neuron"][keep], cat["layer"][keep]))]
+    return SteeringPlan(list(spec.concepts), *(cat[key][keep] for key in _PLAN_ARRAYS),
+                        contested=int(len(cat["units"]) - len(keep)))
+
+
+def _resolve_concepts(experts: ExpertSet, concepts: str | Mapping[str, float]) -> dict[str, float]:
+    if isinstance(concepts, str):
+        concepts = {concepts: 1.0}
+    if not isinstance(concepts, Mapping):
+        raise TypeError(f"concepts must be a name or a {{name: strength}} mapping; got {type(concepts).__name__}.")
+    resolved: dict[str, float] = {}
+    for query, strength in concepts.items():
+        name = experts.concepts[experts.concept_index(query)]
+        if name in resolved:
+            raise ValueError(f"Concept {name!r} is given twice (as {query!r}); give each concept once.")
+        resolved[name] = strength
+    return resolved
+
+
+def steer(
+    model: LoadedModel,
+    experts: ExpertSet,
+    concepts: str | Mapping[str, float],
+    *,
+    k: int | None = None,
+    tau: float | None = None,
+    per_layer: int | None = None,
+    alpha: float = 1.0,
+    mode: str = "set",
+    value: str | None = None,
+    suppress: str = "dampen",
+    positions: str = "all",
+    control: str | None = None,
+    seed: int = 0,
+) -> "SteeredModel":
+    """Build a model steered by the experts of ``concepts``.
+
+    Args:
+        model: the model the experts were found on (checked by fingerprint).
+        experts: an :class:`ExpertSet` for that model.
+        concepts: a concept name, or ``{name: strength}``; strength > 0 steers toward
+            the concept with ``mode``, < 0 suppresses it with ``suppress``; |strength|
+            scales alpha.
+        k, tau, per_layer: which experts (exactly one; see :meth:`ExpertSet.select`).
+        alpha: intervention strength >= 0 (1 = set exactly / AurA's factor).
+        mode: ``"set"``, ``"dampen"`` or ``"ablate"`` (module docstring).
+        value: target statistic: for ``"set"`` one of ``VALUE_STATS`` (default
+            ``"on_p50"``); for ``"ablate"`` ``"zero"`` (default) or ``"off_mean"``.
+        suppress: mode for negative strengths, ``"dampen"`` or ``"ablate"`` (to zero).
+        positions: default for :meth:`SteeredModel.generate`: ``"all"``, ``"prompt"``, ``"generated"``.
+        control, seed: ``"random"``/``"lowest"`` units instead of experts (with ``k``).
+
+    Returns:
+        A :class:`SteeredModel`. On any bad argument it raises before touching the model.
+
+    Raises:
+        ModelMismatchError: the experts come from another model.
+        KeyError: unknown concept.
+        ValueError: any other bad argument.
+    """
+    experts.check_model(model)
+    spec = checked_spec(SteeringSpec(_resolve_concepts(experts, concepts), k=k, tau=tau, per_layer=per_layer,
+                                     control=control, seed=seed, alpha=alpha, mode=mode, value=value,
+                                     suppress=suppress, positions=positions))
+    plan = plan_steering(experts, spec)
+    return SteeredModel(model, plan, spec, experts.sites, experts.unit_kind)
+
+
+# ---------------------------------------------------------------------------- the steered model
+
+
+class SteeredModel:
+    """A model whose expert units are steered, via a pyvene ``IntervenableModel``.
+
+    Attributes:
+        base: the :class:`LoadedModel` (its weights are never changed).
+        plan: the :class:`SteeringPlan` (units, weights, targets).
+        spec: the :class:`SteeringSpec` it was built from.
+        intervenable: the pyvene ``IntervenableModel``.
+    """
+
+    def __init__(self, base: LoadedModel, plan: SteeringPlan, spec: SteeringSpec, sites: Sequence[UnitSite],
+                 unit_kind: str = "mlp"):
+        self.base = base
+        self.plan = plan
+        self.spec = spec
+        self.sites = list(sites)
+        self.unit_kind = unit_kind
+        interventions = plan.interventions(self.sites)
+        for intervention in interventions.values():
+            intervention.to(base.device)
+        self.intervenable = build_intervenable(base.model, interventions)
+
+    def __repr__(self) -> str:
+        toward = ", ".join(f"{n}:{s:+g}" for n, s in self.spec.concepts.items())
+        return (f"SteeredModel({self.base.name!r}, {toward}, {len(self.plan)} units in "
+                f"{len(set(self.plan.layer.tolist()))} layers, mode={self.spec.mode}, alpha={self.spec.alpha:g})")
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, **model_inputs):
+        """Steered forward pass at every position; returns the model's output (e.g. with ``.logits``)."""
+        if not self.intervenable.interventions:  # pyvene then returns (output, None), not (None, output)
+            return self.base.model(**model_inputs)
+        with pyvene_call(self.base.model):
+            _, output = self.intervenable(model_inputs, unit_locations=None)
+        return output
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 positions: str | None = None, seed: int = 0, **generate_kwargs) -> torch.Tensor:
+        """Steered ``model.generate``; returns prompt + new token ids, shape (batch, length).
+
+        ``positions``: ``"all"`` (default from the spec) steers every prompt position and each
+        new token under the KV cache; ``"prompt"`` only the prompt; ``"generated"`` only the
+        positions of generated tokens fed back in (the first new token comes from the
+        unsteered prompt). The global RNG is seeded with ``seed`` for this call and restored
+        after, so seeded sampling repeats exactly and the caller's RNG is untouched.
+        """
+        positions = positions or self.spec.positions
+        if positions not in POSITIONS:
+            raise ValueError(f"Unknown positions {positions!r}; choose one of {POSITIONS}.")
+        if positions != "all" and generate_kwargs.get("use_cache") is False:
+            raise ValueError(f"positions={positions!r} needs the KV cache (each step then sees one new "
+                             "token); drop use_cache=False or use positions='all'.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("pad_token_id", self.base.tokenizer.pad_token_id)
+        base = {"input_ids": input_ids.to(self.base.device), "attention_mask": attention_mask.to(self.base.device)}
+        # pyvene: locations None + intervene_on_prompt=True acts on every call at every
+        # position; intervene_on_prompt=False acts at position 0 of every call after the
+        # prompt; explicit prompt positions + True act on the prompt call only.
+        locations = {"base": list(range(input_ids.shape[1]))} if positions == "prompt" else None
+        device = self.base.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                pyvene_call(self.base.model):
+            torch.manual_seed(seed)
+            _, output = self.intervenable.generate(base, unit_locations=locations,
+                                                   intervene_on_prompt=positions != "generated", **generate_kwargs)
+        return output
+
+    def complete(self, prompts: str | Sequence[str], *, max_new_tokens: int = 40, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 positions: str | None = None, batch_size: int = 16) -> list[str]:
+        """Continue each prompt; returns the new text only, one string per prompt.
+
+        ``top_k``/``top_p`` None mean no such filtering (not the model's generation-config
+        defaults); the paper samples with ``temperature=1.0, top_k=10``. Batch b (of ``batch_size`` prompts, left-padded) is sampled with seed ``seed + b``:
+        the same prompts, seed and batch size give the same text.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampling = {"do_sample": do_sample}
+        if do_sample:
+            # transformers reads None as "use the generation config" (top_k 50): pass explicit no-ops.
+            sampling.update(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+        tokenizer = self.base.tokenizer
+        texts = []
+        starts = range(0, len(prompts), batch_size)
+        for b, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1)):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              padding_side="left")
+            out = self.generate(batch["input_ids"], batch["attention_mask"], positions=positions, seed=seed + b,
+                                max_new_tokens=max_new_tokens, **sampling)
+            texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return texts
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        """Everything :meth:`from_pretrained` and the model card need, JSON-able."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": "steer_experts",
+            "base_model": {"name": self.base.name, "fingerprint": self.base.fingerprint},
+            "unit_kind": self.unit_kind,
+            "sites": [{"layer": s.layer, "module_path": s.module_path, "width": s.width} for s in self.sites],
+            "spec": asdict(self.spec),
+            "concepts": self.plan.concepts,
+            "contested_units": self.plan.contested,
+            "experts": self.plan.concept_summary(),
+        }
+
+    def save_pretrained(self, folder: str | Path, repo_id: str | None = None) -> Path:
+        """Write the steered model (not the base weights) to ``folder``; returns it.
+
+        ``repo_id`` only fills the loading example of the model card.
+        Files: ``steering.json`` and ``steering.safetensors`` (what :meth:`from_pretrained`
+        reads; never pickles), ``README.md`` (model card), and pyvene's own ``config.json``
+        + ``intkey_*.bin`` so ``pyvene.IntervenableModel.load(folder, model)`` works too.
+        """
+        from .hub import render_model_card
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config()
+        arrays = {key: np.ascontiguousarray(getattr(self.plan, key)) for key in _PLAN_ARRAYS}
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".pyvene-") as tmp:
+            with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... exists"
+                self.intervenable.save(tmp)
+            written = set(os.listdir(tmp))
+            for stale in folder.glob("intkey_*.bin"):
+                if stale.name not in written:
+                    stale.unlink()
+            for name in written:
+                os.replace(Path(tmp) / name, folder / name)
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(arrays, str(p)))
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
+        atomic_write(folder / CARD_NAME, lambda p: Path(p).write_text(render_model_card(config, repo_id)))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder_or_repo: str | Path, model: LoadedModel) -> "SteeredModel":
+        """Load a steered model saved by :meth:`save_pretrained` (folder or Hub repo id) onto ``model``.
+
+        Raises:
+            ModelMismatchError: ``model`` is not the base model it was saved with.
+            ValueError: the folder is corrupt or from an incompatible version.
+            FileNotFoundError / HubUnavailableError: nothing to load there.
+        """
+        from .hub import resolve_folder
+
+        folder = resolve_folder(folder_or_repo, [CONFIG_NAME, WEIGHTS_NAME], what="steered model")
+        try:
+            config = json.loads((folder / CONFIG_NAME).read_text())
+            if config.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+            base = config["base_model"]
+            arrays = load_file(str(folder / WEIGHTS_NAME))
+            plan = SteeringPlan(list(config["concepts"]), *(arrays[key] for key in _PLAN_ARRAYS),
+                                contested=int(config["contested_units"]))
+            spec = SteeringSpec(**config["spec"])
+            sites = [UnitSite(**s) for s in config["sites"]]
+            unit_kind = config["unit_kind"]
+            _check_plan(plan, sites)
+        except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
+            raise ValueError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
+                             "Re-create it with SteeredModel.save_pretrained.") from None
+        if model.fingerprint != base["fingerprint"]:
+            raise ModelMismatchError(
+                f"This steered model was saved for {base['name']!r} (fingerprint {base['fingerprint'][:12]}), "
+                f"but the model given is {model.name!r} (fingerprint {model.fingerprint[:12]}). "
+                "Load the base model it was made with.")
+        actual = {(s.layer, s.module_path, s.width) for s in locate_units(model.model, unit_kind)}
+        missing = [s for s in sites if (s.layer, s.module_path, s.width) not in actual]
+        if missing:
+            raise ValueError(f"{folder}: sites {missing[:3]} do not exist in {model.name!r}.")
+        return cls(model, plan, spec, sites, unit_kind)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload exactly what :meth:`save_pretrained` writes to the Hub repo ``repo_id``; returns its URL.
+
+        Raises:
+            HubUnavailableError: offline, not logged in, or the upload failed.
+        """
+        from .hub import upload_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, repo_id=repo_id)
+            return upload_folder(tmp, repo_id, private=private, token=token,
+                                 commit_message=f"Upload steered {self.base.name} ({', '.join(self.plan.concepts)})")
+
+
+def _check_plan(plan: SteeringPlan, sites: Sequence[UnitSite]) -> None:
+    lengths = {len(getattr(plan, key)) for key in _PLAN_ARRAYS}
+    if len(lengths) != 1:
+        raise ValueError(f"plan arrays have different lengths {sorted(lengths)}")
+    widths = {s.layer: s.width for s in sites}
+    if not all(int(layer) in widths for layer in np.unique(plan.layer)):
+        raise ValueError("plan names a layer that has no site")
+    if len(plan) and (plan.neuron.min() < 0 or (plan.neuron >= np.vectorize(widths.get)(plan.layer)).any()):
+        raise ValueError("plan names a neuron outside its layer")
+    if len(plan) and (plan.concept.min() < 0 or plan.concept.max() >= len(plan.concepts)):
+        raise ValueError("plan names a concept index outside the concept list")
+    if not (np.isfinite(plan.weight).all() and np.isfinite(plan.target).all()):
+        raise ValueError("plan holds non-finite weights or targets")

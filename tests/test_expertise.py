@@ -1,0 +1,276 @@
+"""Expertise: AP / AUROC against sklearn, statistics against numpy, streaming, validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from steer_experts import expertise
+from steer_experts.expertise import Expertise, compute_expertise
+
+
+@dataclass
+class Concepts:
+    """Minimal concept set: names and row indices per concept."""
+
+    names: list[str]
+    positives: list[np.ndarray]
+    negatives: list[np.ndarray]
+
+    def positive_indices(self, i: int) -> np.ndarray:
+        return np.asarray(self.positives[i])
+
+    def negative_indices(self, i: int) -> np.ndarray:
+        return np.asarray(self.negatives[i])
+
+
+class ColumnStream:
+    """Serves columns of an array one block at a time and records what was asked."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = array.shape
+        self.requests: list[tuple[int, int]] = []
+
+    def columns(self, start: int, stop: int) -> np.ndarray:
+        self.requests.append((start, stop))
+        return self.array[:, start:stop].copy()
+
+
+def tied_responses(rng: np.random.Generator, n: int, u: int) -> np.ndarray:
+    """Responses with heavy ties: small integers, ReLU zeros, constant and all-tied columns."""
+    x = rng.integers(0, 4, size=(n, u)).astype(np.float32)
+    x[:, 1] = 0.0  # all tied at zero
+    x[:, 2] = 5.0  # all tied, nonzero
+    x[:, 3] = rng.standard_normal(n).astype(np.float32)  # continuous, no ties
+    x[:, 4] = np.maximum(rng.standard_normal(n), 0).astype(np.float16)  # ReLU-like, float16 ties
+    x[:, 5] = -rng.integers(0, 3, size=n)  # negative integers
+    x[:, 6] = np.where(rng.random(n) < 0.5, -0.0, 0.0)  # signed zeros tie in sklearn
+    x[::7, 6] = 1.0
+    x[:, 7] = rng.choice([-1e30, -2.5, 3.25, 1e30], size=n)  # wide range
+    return x
+
+
+def mixed_concepts(rng: np.random.Generator, n: int) -> Concepts:
+    """Concepts with overlapping index sets, complement and subset negatives, and tiny sizes."""
+    everyone = np.arange(n)
+    shuffled = rng.permutation(n)
+
+    def rest(pos):
+        return np.setdiff1d(everyone, pos)
+
+    pos_a = np.arange(0, 30)
+    pos_b = np.arange(20, 50)  # overlaps a
+    pos_c = shuffled[:25]  # unsorted indices
+    pos_d = np.array([70])
+    pos_e = np.arange(50, 70)
+    pos_f = shuffled[40:43]
+    return Concepts(
+        names=[
+            "a_rest",
+            "b_rest_overlap",
+            "c_listed_unsorted",
+            "d_one_positive",
+            "e_listed_subset",
+            "f_one_negative",
+            "g_one_each",
+        ],
+        positives=[pos_a, pos_b, pos_c, pos_d, pos_e, pos_f, np.array([5])],
+        negatives=[
+            rest(pos_a),
+            rest(pos_b),
+            np.setdiff1d(shuffled[25:90], pos_c)[::-1],  # listed, reversed order
+            rest(pos_d),
+            np.arange(0, 40),  # listed, overlapping other concepts' positives
+            np.array([shuffled[50]]),
+            np.array([6]),
+        ],
+    )
+
+
+def sklearn_reference(x: np.ndarray, concepts: Concepts) -> dict[str, np.ndarray]:
+    """Per unit and concept: sklearn AP / AUROC and numpy statistics."""
+    c_count, u_count = len(concepts.names), x.shape[1]
+    ref = {s: np.empty((c_count, u_count)) for s in Expertise.STATS}
+    for c in range(c_count):
+        pos, neg = concepts.positive_indices(c), concepts.negative_indices(c)
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        for u in range(u_count):
+            score = np.r_[x[pos, u], x[neg, u]]
+            ref["ap"][c, u] = average_precision_score(y, score)
+            ref["auroc"][c, u] = roc_auc_score(y, score)
+        ref["on_p50"][c] = np.median(x[pos], axis=0)
+        ref["on_p90"][c] = np.percentile(x[pos], 90, axis=0)
+        # float64 means: numpy's float32 accumulation loses e.g. -1e30 + 1e30 + 0.5.
+        ref["on_mean"][c] = np.mean(x[pos].astype(np.float64), axis=0)
+        ref["off_mean"][c] = np.mean(x[neg].astype(np.float64), axis=0)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tied_case():
+    rng = np.random.default_rng(7)
+    n, u = 150, 40
+    x = tied_responses(rng, n, u)
+    concepts = mixed_concepts(rng, n)
+    return x, concepts, sklearn_reference(x, concepts)
+
+
+def test_ap_and_auroc_equal_sklearn_with_heavy_ties(tied_case):
+    x, concepts, ref = tied_case
+    got = compute_expertise(x, concepts, progress=False)
+    assert got.ap.dtype == np.float64 and got.auroc.dtype == np.float64
+    assert got.ap.shape == (len(concepts.names), x.shape[1])
+    np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
+
+
+def test_statistics_equal_numpy(tied_case):
+    x, concepts, ref = tied_case
+    got = compute_expertise(x, concepts, progress=False)
+    for name in ("on_p50", "on_p90"):
+        assert getattr(got, name).dtype == np.float32
+        np.testing.assert_array_equal(getattr(got, name), ref[name].astype(np.float32), err_msg=name)
+    # Means of values up to 1e30 carry float64 rounding of that size.
+    scale = 1e-6 * (1.0 + np.abs(x).max(axis=0))
+    for name in ("on_mean", "off_mean"):
+        assert getattr(got, name).dtype == np.float32
+        error = np.abs(getattr(got, name) - ref[name])
+        assert (error <= scale).all(), (name, error.max())
+    np.testing.assert_array_equal(got.n_positives, [len(p) for p in concepts.positives])
+    np.testing.assert_array_equal(got.n_negatives, [len(n) for n in concepts.negatives])
+
+
+def test_percentiles_match_numpy_bit_for_bit_on_continuous_data():
+    rng = np.random.default_rng(3)
+    n, u = 300, 24
+    x = (rng.standard_normal((n, u)) * rng.choice([1e-3, 1.0, 1e3], size=u)).astype(np.float32)
+    sizes = [*range(1, 26), 122, 140, 250]
+    positives = [rng.choice(n, size=k, replace=False) for k in sizes]
+    negatives = [np.setdiff1d(np.arange(n), p)[: 40 if i % 2 else None] for i, p in enumerate(positives)]
+    got = compute_expertise(x, Concepts([f"size{k}" for k in sizes], positives, negatives), progress=False)
+    for c, pos in enumerate(positives):
+        np.testing.assert_array_equal(got.on_p50[c], np.median(x[pos], axis=0))
+        np.testing.assert_array_equal(got.on_p90[c], np.percentile(x[pos], 90, axis=0))
+
+
+def test_single_concept_with_constant_units_equals_sklearn(monkeypatch):
+    # Units next to each other whose keys coincide must not merge ties across units.
+    monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", 100)
+    rng = np.random.default_rng(5)
+    n = 30
+    x = np.repeat(rng.integers(0, 2, size=(n, 1)), 6, axis=1).astype(np.float32)
+    x[:, 2:4] = 1.0
+    concepts = Concepts(["only"], [np.arange(0, 12)], [np.arange(12, n)])
+    ref = sklearn_reference(x, concepts)
+    got = compute_expertise(x, concepts, progress=False)
+    np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
+
+
+def test_relu_like_float16_responses_many_units_equal_sklearn(monkeypatch):
+    # Many chunks per block and several tie-heavy distributions at once.
+    monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", 4000)
+    rng = np.random.default_rng(11)
+    n, u = 400, 60
+    x = np.maximum(rng.standard_normal((n, u)) - 0.3, 0).astype(np.float16).astype(np.float32)
+    x[:, ::5] += rng.integers(0, 2, size=(n, 1))  # shared shift: informative units
+    parts = np.array_split(rng.permutation(n), 4)
+    listed = [np.setdiff1d(np.arange(n), p)[::3] for p in parts]
+    concepts = Concepts(
+        names=[f"rest{i}" for i in range(4)] + [f"listed{i}" for i in range(4)],
+        positives=parts + parts,
+        negatives=[np.setdiff1d(np.arange(n), p) for p in parts] + listed,
+    )
+    ref = sklearn_reference(x, concepts)
+    got = compute_expertise(x, concepts, block_units=17, progress=False)
+    np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.on_p90, ref["on_p90"], rtol=1e-6, atol=1e-6)
+
+
+def test_wide_keys_give_the_same_result(tied_case, monkeypatch):
+    # Many concepts x sentences switch the sort keys to int64; force that path.
+    x, concepts, ref = tied_case
+    monkeypatch.setattr(expertise, "_key_dtype", lambda n_concepts, n_rows: np.int64)
+    got = compute_expertise(x, concepts, progress=False)
+    np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
+
+
+def test_stream_and_block_size_give_identical_results(tied_case, monkeypatch):
+    x, concepts, _ = tied_case
+    whole = compute_expertise(x, concepts, progress=False)
+    monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", 1000)
+    for block in (1, 3, 7, 40, 4096):
+        stream = ColumnStream(x)
+        got = compute_expertise(stream, concepts, block_units=block, progress=False)
+        expected = [(s, min(s + block, x.shape[1])) for s in range(0, x.shape[1], block)]
+        assert sorted(stream.requests) == expected
+        for name in Expertise.STATS:
+            assert np.array_equal(getattr(got, name), getattr(whole, name)), (block, name)
+
+
+def test_zero_positives_or_negatives_is_an_error_naming_the_concept():
+    x = np.zeros((10, 3), np.float32)
+    empty = np.array([], np.int64)
+    no_pos = Concepts(["fine", "empty_pos"], [np.array([0]), empty], [np.array([1]), np.array([2])])
+    with pytest.raises(ValueError, match="empty_pos.*no positive"):
+        compute_expertise(x, no_pos, progress=False)
+    no_neg = Concepts(["empty_neg"], [np.array([0])], [empty])
+    with pytest.raises(ValueError, match="empty_neg.*no negative"):
+        compute_expertise(x, no_neg, progress=False)
+
+
+def test_nan_responses_are_an_error():
+    x = np.zeros((10, 6), np.float32)
+    x[3, 4] = np.nan
+    concepts = Concepts(["c"], [np.array([0, 1])], [np.array([2, 3, 4])])
+    with pytest.raises(ValueError, match="NaN.*unit 4"):
+        compute_expertise(x, concepts, block_units=2, progress=False)
+
+
+def test_responses_that_are_not_2d_are_an_error():
+    concepts = Concepts(["c"], [np.array([0])], [np.array([1])])
+    with pytest.raises(ValueError, match="2-D"):
+        compute_expertise(np.zeros(10, np.float32), concepts, progress=False)
+
+
+@pytest.mark.parametrize(
+    "positives, negatives, message",
+    [
+        ([0, 10], [1], r"\[0, 10\)"),
+        ([0, 1], [1, 2], "both positive and negative"),
+        ([0, 0], [1], "duplicates"),
+        ([[0, 1]], [2], "1-D integer"),
+    ],
+)
+def test_bad_indices_are_errors(positives, negatives, message):
+    x = np.zeros((10, 2), np.float32)
+    concepts = Concepts(["c"], [np.array(positives)], [np.array(negatives)])
+    with pytest.raises(ValueError, match=message):
+        compute_expertise(x, concepts, progress=False)
+
+
+def test_repeated_concept_names_are_an_error():
+    x = np.zeros((4, 2), np.float32)
+    concepts = Concepts(["c", "c"], [np.array([0])] * 2, [np.array([1])] * 2)
+    with pytest.raises(ValueError, match="unique"):
+        compute_expertise(x, concepts, progress=False)
+
+
+def test_index_and_subset(tied_case):
+    x, concepts, _ = tied_case
+    got = compute_expertise(x, concepts, progress=False)
+    assert got.index("e_listed_subset") == 4
+    with pytest.raises(KeyError, match="unknown concept 'nope'.*a_rest"):
+        got.index("nope")
+    part = got.subset(["e_listed_subset", "a_rest"])
+    assert part.concepts == ["e_listed_subset", "a_rest"]
+    for name in Expertise.STATS:
+        np.testing.assert_array_equal(getattr(part, name), getattr(got, name)[[4, 0]])
+    np.testing.assert_array_equal(part.n_positives, got.n_positives[[4, 0]])
+    np.testing.assert_array_equal(part.n_negatives, got.n_negatives[[4, 0]])

@@ -1,0 +1,341 @@
+"""ExpertIntervention: the true neuron takes the intended value at every position.
+
+The check reads the down projection's input by overriding module ``forward``
+methods (pyvene wipes every hook, so hooks cannot observe it) and compares it
+with an independent recomputation of the unsteered neuron from the MLP input:
+act(gate(x)) * up(x) for gated MLPs, act(fc(x)) for gpt2 / gpt_neox.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from steer_experts.expertise import Expertise
+from steer_experts.experts import ExpertSet
+from steer_experts.interventions import ExpertIntervention, build_intervenable, pyvene_call
+from steer_experts.models import LoadedModel, locate_units
+from steer_experts.steering import steer
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer):
+    """One tiny random llama, for the tests where the architecture does not matter."""
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32).eval()
+    return LoadedModel.from_hf(model, tokenizer, name="tiny-llama")
+
+
+def synthetic_experts(loaded, concepts=("football", "woman"), seed=0) -> ExpertSet:
+    """An ExpertSet for ``loaded`` with random AP/AUROC in [0, 1] and activation statistics ~ N(2, 1)."""
+    sites = locate_units(loaded.model, "mlp")
+    n_units = sum(s.width for s in sites)
+    rng = np.random.default_rng(seed)
+    stats = {s: rng.random((len(concepts), n_units)) for s in ("ap", "auroc")}
+    stats.update({s: rng.normal(2.0, 1.0, (len(concepts), n_units)).astype(np.float32)
+                  for s in ("on_p50", "on_mean", "on_p90", "off_mean")})
+    n = len(concepts)
+    expertise = Expertise(list(concepts), **stats, n_positives=np.full(n, 50), n_negatives=np.full(n, 100))
+    return ExpertSet(expertise, sites, loaded.name, loaded.fingerprint)
+
+
+def _mlp_parts(mlp: torch.nn.Module):
+    """(down projection, function recomputing the unsteered neuron from the MLP input)."""
+    if hasattr(mlp, "down_proj"):  # llama, qwen2, gemma3
+        return mlp.down_proj, lambda x: mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    if hasattr(mlp, "c_proj"):  # gpt2
+        return mlp.c_proj, lambda x: mlp.act(mlp.c_fc(x))
+    return mlp.dense_4h_to_h, lambda x: mlp.act(mlp.dense_h_to_4h(x))  # gpt_neox
+
+
+class NeuronRecorder:
+    """Per layer and call: the unsteered neuron (recomputed) and the down projection's actual input.
+
+    It overrides instance ``forward`` methods rather than registering hooks, and
+    restores them on ``close``.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.unsteered = defaultdict(list)
+        self.actual = defaultdict(list)
+        self._restore = []
+        for site in locate_units(model, "mlp"):
+            down = model.get_submodule(site.module_path)
+            mlp = model.get_submodule(site.module_path.rsplit(".", 1)[0])
+            assert _mlp_parts(mlp)[0] is down
+            self._wrap(mlp, self._record_mlp(site.layer, _mlp_parts(mlp)[1]))
+            self._wrap(down, self._record_down(site.layer))
+
+    def _wrap(self, module, make):
+        original = module.forward
+        module.forward = make(original)
+        self._restore.append(module)
+
+    def _record_mlp(self, layer, neuron_of):
+        def make(original):
+            def forward(x, *args, **kwargs):
+                with torch.no_grad():
+                    self.unsteered[layer].append(neuron_of(x).detach().clone())
+                return original(x, *args, **kwargs)
+            return forward
+        return make
+
+    def _record_down(self, layer):
+        def make(original):
+            def forward(x, *args, **kwargs):
+                self.actual[layer].append(x.detach().clone())
+                return original(x, *args, **kwargs)
+            return forward
+        return make
+
+    def close(self):
+        for module in self._restore:
+            del module.forward  # drop the instance attribute: the class method is back
+
+
+@pytest.fixture
+def recorder_for():
+    made = []
+
+    def make(model):
+        made.append(NeuronRecorder(model))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def expected_neurons(unsteered: torch.Tensor, layer: int, experts: ExpertSet, selection, weight, target):
+    """The neuron tensor after steering, computed in float64: z + w (v - z) at the selected units of ``layer``."""
+    out = unsteered.double().clone()
+    rows = selection.layer == layer
+    idx = torch.as_tensor(selection.neuron[rows])
+    w = torch.as_tensor(np.asarray(weight)[rows], dtype=torch.float64)
+    v = torch.as_tensor(np.asarray(target)[rows], dtype=torch.float64)
+    out[..., idx] = out[..., idx] + w * (v - out[..., idx])
+    return out
+
+
+def prompt_ids(loaded, batch=2, length=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, loaded.model.config.vocab_size, (batch, length), generator=g)
+
+
+# ----------------------------------------------------------------------------- every position, every arch
+
+
+def _check_all_positions_set(loaded, recorder_for, k, new_tokens=4):
+    experts = synthetic_experts(loaded)
+    selection = experts.select("football", k=k)
+    target = selection.values("on_p50")
+    steered = steer(loaded, experts, "football", k=k)
+    ids = prompt_ids(loaded)
+    recorder = recorder_for(loaded.model)
+    out = steered.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+    layers = sorted(set(selection.layer.tolist()))
+    assert layers, "the selection should touch at least one layer"
+    for site in experts.sites:
+        actual, unsteered = recorder.actual[site.layer], recorder.unsteered[site.layer]
+        # one call on the prompt, then one per new token under the KV cache (the last token is not fed back)
+        assert [a.shape[1] for a in actual] == [ids.shape[1]] + [1] * (new_tokens - 1)
+        rows = selection.layer == site.layer
+        idx = torch.as_tensor(selection.neuron[rows])
+        others = torch.ones(site.width, dtype=torch.bool)
+        others[idx] = False
+        for a, u in zip(actual, unsteered):
+            # experts hold exactly their target at every position; other units are untouched
+            assert torch.equal(a[..., idx], torch.as_tensor(target[rows]).expand_as(a[..., idx]))
+            assert torch.equal(a[..., others], u[..., others])
+    return steered
+
+
+def test_set_every_position_every_arch(tiny_model, recorder_for):
+    _check_all_positions_set(tiny_model, recorder_for, k=12)
+
+
+@pytest.mark.integration
+def test_set_every_position_real_smollm2(smollm2, recorder_for):
+    steered = _check_all_positions_set(smollm2, recorder_for, k=200, new_tokens=3)
+    assert len(set(steered.plan.layer.tolist())) > 10  # spread over many of the 30 layers
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+@pytest.mark.parametrize("mode, alpha, value", [
+    ("set", 0.5, "on_mean"), ("set", 2.0, "on_p90"), ("dampen", 1.0, None), ("dampen", 0.5, None),
+    ("ablate", 1.0, "zero"), ("ablate", 1.0, "off_mean"), ("ablate", 0.25, "zero"),
+])
+def test_modes_match_their_formulas(tiny_llama, recorder_for, mode, alpha, value):
+    experts = synthetic_experts(tiny_llama)
+    selection = experts.select("football", k=15)
+    if mode == "set":  # z + alpha (v - z)
+        weight, target = np.full(len(selection), alpha), getattr(selection, value)
+    elif mode == "dampen":  # AurA: z * (1 - alpha * 2 (AUROC - 0.5)) where AUROC > 0.5
+        factor = np.where(selection.auroc > 0.5, 1 - alpha * (2 * selection.auroc - 1), 1.0)
+        weight, target = 1 - factor, np.zeros(len(selection))
+    else:  # z * (1 - alpha) + alpha * (0 or off_mean)
+        weight = np.full(len(selection), alpha)
+        target = np.zeros(len(selection)) if value == "zero" else selection.off_mean
+    steered = steer(tiny_llama, experts, "football", k=15, alpha=alpha, mode=mode, value=value)
+    recorder = recorder_for(tiny_llama.model)
+    steered.generate(prompt_ids(tiny_llama), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    for site in experts.sites:
+        for a, u in zip(recorder.actual[site.layer], recorder.unsteered[site.layer]):
+            want = expected_neurons(u, site.layer, experts, selection, weight, target)
+            torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-6)
+    if mode == "dampen":
+        assert (selection.auroc <= 0.5).any() and (selection.auroc > 0.5).any()  # both branches exercised
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+@pytest.mark.parametrize("positions, steered_calls", [("all", [0, 1, 2, 3, 4]), ("prompt", [0]), ("generated", [1, 2, 3, 4])])
+def test_positions(tiny_model, recorder_for, positions, steered_calls):
+    experts = synthetic_experts(tiny_model)
+    selection = experts.select("football", k=20)
+    steered = steer(tiny_model, experts, "football", k=20, positions=positions)
+    recorder = recorder_for(tiny_model.model)
+    steered.generate(prompt_ids(tiny_model), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    for site in experts.sites:
+        rows = selection.layer == site.layer
+        if not rows.any():
+            continue
+        idx = torch.as_tensor(selection.neuron[rows])
+        target = torch.as_tensor(selection.on_p50[rows])
+        calls = list(zip(recorder.actual[site.layer], recorder.unsteered[site.layer]))
+        assert len(calls) == 5
+        for i, (a, u) in enumerate(calls):
+            if i in steered_calls:
+                assert torch.equal(a[..., idx], target.expand_as(a[..., idx])), (positions, i)
+            else:
+                assert torch.equal(a, u), (positions, i)
+
+
+def test_use_cache_off_needs_all_positions(tiny_llama):
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=5)
+    with pytest.raises(ValueError, match="KV cache"):
+        steered.generate(prompt_ids(tiny_llama), positions="prompt", max_new_tokens=2, use_cache=False)
+
+
+# ----------------------------------------------------------------------------- several concepts
+
+
+def _two_concept_set(loaded):
+    """Concepts A and B whose top-3 experts share units: B's AP is higher on one, equal on another."""
+    experts = synthetic_experts(loaded, concepts=("alpha", "beta"))
+    ap = experts.expertise.ap
+    ap[:] = 0.1
+    ap[0, [1, 2, 3]] = [0.99, 0.98, 0.97]  # alpha's experts
+    ap[1, [3, 4, 2]] = [0.995, 0.96, 0.98]  # beta's: unit 3 with higher AP than alpha, unit 2 tied
+    return experts
+
+
+def test_contested_unit_goes_to_higher_ap(tiny_llama, recorder_for):
+    experts = _two_concept_set(tiny_llama)
+    stats = experts.expertise
+    steered = steer(tiny_llama, experts, {"alpha": 1.0, "beta": -1.0}, k=3, suppress="ablate")
+    plan = steered.plan
+    assert plan.contested == 2
+    assert plan.neuron.tolist() == [1, 2, 3, 4] and set(plan.layer.tolist()) == {0}
+    owner = dict(zip(plan.neuron.tolist(), plan.concept.tolist()))
+    assert owner == {1: 0, 2: 0, 3: 1, 4: 1}  # 3: beta's higher AP; 2: a tie, alpha is named first
+    recorder = recorder_for(tiny_llama.model)
+    steered.generate(prompt_ids(tiny_llama), max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    for a in recorder.actual[0]:
+        assert torch.equal(a[..., 1], torch.full_like(a[..., 1], float(stats.on_p50[0, 1])))
+        assert torch.equal(a[..., 2], torch.full_like(a[..., 2], float(stats.on_p50[0, 2])))
+        assert torch.equal(a[..., 3], torch.zeros_like(a[..., 3]))  # beta suppressed by ablation
+        assert torch.equal(a[..., 4], torch.zeros_like(a[..., 4]))
+
+
+def test_order_breaks_ties_only(tiny_llama):
+    experts = _two_concept_set(tiny_llama)
+    plan = steer(tiny_llama, experts, {"beta": -1.0, "alpha": 1.0}, k=3).plan
+    owner = dict(zip(plan.neuron.tolist(), [plan.concepts[c] for c in plan.concept]))
+    assert owner == {1: "alpha", 2: "beta", 3: "beta", 4: "beta"}
+
+
+# ----------------------------------------------------------------------------- pyvene round trip and side effects
+
+
+def _interventions(loaded, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for site in locate_units(loaded.model, "mlp"):
+        neurons = rng.choice(site.width, 5, replace=False)
+        out[site] = ExpertIntervention.from_units(site.width, neurons, rng.random(5) * 2, rng.normal(size=5))
+    return out
+
+
+def test_pyvene_save_load_round_trips_state(tiny_model, tmp_path):
+    import pyvene
+
+    interventions = _interventions(tiny_model)
+    intervenable = build_intervenable(tiny_model.model, interventions)
+    intervenable.save(str(tmp_path))
+    flags = [p.requires_grad for p in tiny_model.model.parameters()]
+    with pyvene_call(tiny_model.model):
+        loaded = pyvene.IntervenableModel.load(str(tmp_path), tiny_model.model)
+    for p, flag in zip(tiny_model.model.parameters(), flags):  # pyvene's load turns gradients off
+        p.requires_grad_(flag)
+    assert len(loaded.interventions) == len(interventions)
+    for (site, original), (key, reloaded) in zip(interventions.items(), loaded.interventions.items()):
+        assert type(reloaded) is ExpertIntervention
+        assert key.startswith(f"comp_{site.pyvene_component.replace('.', '_')}")
+        assert torch.equal(reloaded.source_representation, original.source_representation)
+
+
+def test_building_restores_gradients_train_mode_and_hooks(tiny_model):
+    model = tiny_model.model
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+    handle = model.get_submodule(locate_units(model)[0].module_path).register_forward_hook(
+        lambda *_: seen.append(1))
+    try:
+        model(prompt_ids(tiny_model), output_hidden_states=True)  # transformers installs its capture hooks
+        model.train()
+        list(model.parameters())[0].requires_grad_(False)
+        expected = [p.requires_grad for p in model.parameters()]
+        steered = steer(tiny_model, synthetic_experts(tiny_model), "football", k=5)
+        assert [p.requires_grad for p in model.parameters()] == expected
+        assert model.training
+        model.eval()
+        steered.generate(prompt_ids(tiny_model), max_new_tokens=2, do_sample=False)
+        seen.clear()
+        ids = prompt_ids(tiny_model)
+        out = model(ids, output_hidden_states=True)  # pyvene wiped hooks during the call; they are back
+        assert seen == [1]
+        assert out.hidden_states is not None and len(out.hidden_states) == model.config.num_hidden_layers + 1
+        inside = steered(input_ids=ids, output_hidden_states=True)  # also inside a steered call
+        assert inside.hidden_states is not None and len(inside.hidden_states) == len(out.hidden_states)
+    finally:
+        handle.remove()
+        model.eval()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def test_gemma3_loads_without_a_pyvene_mapping():
+    import pyvene
+    from pyvene.models import modeling_utils
+
+    class Unmapped(torch.nn.Module):
+        pass
+
+    assert modeling_utils.type_to_dimension_mapping[Unmapped] == {}
+    pyvene.type_to_dimension_mapping[Unmapped] = {"x": ("1",)}  # later registrations are still seen
+    try:
+        assert modeling_utils.type_to_dimension_mapping[Unmapped] == {"x": ("1",)}
+    finally:
+        del pyvene.type_to_dimension_mapping[Unmapped]

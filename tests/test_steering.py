@@ -1,0 +1,344 @@
+"""Steering API: generations against a plain-torch reference, bad input, save/load/Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from steer_experts.experts import ExpertSet, ModelMismatchError
+from steer_experts.hub import HubUnavailableError
+from steer_experts.models import LoadedModel, load_model, locate_units
+from steer_experts.steering import SteeredModel, steer
+
+from .test_interventions import prompt_ids, synthetic_experts, tiny_llama  # noqa: F401 (a fixture)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- independent reference
+
+
+def reference_hooks(model: torch.nn.Module, experts: ExpertSet, concept: str, k: int, mode: str):
+    """Plain forward pre-hooks doing the intervention, computed straight from the expertise arrays.
+
+    ``set``: the top-k units by AP take on_p50 (assignment); ``dampen``: they are
+    multiplied by 1 - 2 (AUROC - 0.5) where AUROC > 0.5 (AurA).
+    """
+    c = experts.concepts.index(concept)
+    ap = experts.expertise.ap[c]
+    top = np.argsort(-ap, kind="stable")[:k]
+    sites = locate_units(model, "mlp")
+    starts = np.cumsum([0] + [s.width for s in sites])
+    handles = []
+    for site, start in zip(sites, starts):
+        units = top[(top >= start) & (top < start + site.width)]
+        if not len(units):
+            continue
+        idx = torch.as_tensor(units - start)
+        if mode == "set":
+            value = torch.as_tensor(experts.expertise.on_p50[c, units])
+
+            def hook(module, args, idx=idx, value=value):
+                x = args[0].clone()
+                x[..., idx] = value
+                return (x,) + args[1:]
+        else:
+            auroc = experts.expertise.auroc[c, units]
+            factor = torch.as_tensor(np.where(auroc > 0.5, 1 - 2 * (auroc - 0.5), 1.0), dtype=torch.float32)
+
+            def hook(module, args, idx=idx, factor=factor):
+                x = args[0].clone()
+                x[..., idx] = x[..., idx] * factor
+                return (x,) + args[1:]
+        handles.append(model.get_submodule(site.module_path).register_forward_pre_hook(hook))
+    return handles
+
+
+def _reference_generate(loaded, experts, concept, k, mode, ids, seed, **kwargs):
+    handles = reference_hooks(loaded.model, experts, concept, k, mode)
+    try:
+        torch.manual_seed(seed)
+        return loaded.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                     pad_token_id=loaded.tokenizer.pad_token_id, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_against_reference(loaded, mode):
+    experts = synthetic_experts(loaded)
+    ids = prompt_ids(loaded, batch=3, length=4)
+    steered = steer(loaded, experts, "football", k=40, mode=mode)
+    for seed, sampling in ((0, {"do_sample": False}), (1, {"do_sample": True, "top_k": 10})):
+        want = _reference_generate(loaded, experts, "football", 40, mode, ids, seed, max_new_tokens=10, **sampling)
+        got = steered.generate(ids, seed=seed, max_new_tokens=10, **sampling)
+        assert torch.equal(got, want), (mode, sampling, seed)
+    with torch.no_grad():  # the intervention must act, or the equality above proves nothing
+        assert not torch.allclose(steered(input_ids=ids).logits, loaded.model(ids).logits)
+
+
+def test_generations_equal_plain_hook_reference(tiny_model):
+    _check_against_reference(tiny_model, "set")
+
+
+def test_dampened_generations_equal_plain_hook_reference(tiny_llama):
+    _check_against_reference(tiny_llama, "dampen")
+
+
+@pytest.mark.integration
+def test_real_smollm2_equals_plain_hook_reference(smollm2):
+    experts = synthetic_experts(smollm2)
+    steered = steer(smollm2, experts, "football", k=300)
+    ids = smollm2.tokenizer(["The weather today is", "My favourite food"], return_tensors="pt", padding=True,
+                            padding_side="left")["input_ids"]
+    want = _reference_generate(smollm2, experts, "football", 300, "set", ids, 3, max_new_tokens=6,
+                               do_sample=True, top_k=10)
+    assert torch.equal(steered.generate(ids, seed=3, max_new_tokens=6, do_sample=True, top_k=10), want)
+
+
+def test_seeded_sampling_repeats_and_leaves_global_rng(tiny_llama):
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=10)
+    prompts = ["Hello there", "A cat", "Football is", "x"]
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first = steered.complete(prompts, max_new_tokens=6, do_sample=True, top_k=10, seed=5, batch_size=3)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is untouched
+    assert steered.complete(prompts, max_new_tokens=6, do_sample=True, top_k=10, seed=5, batch_size=3) == first
+    assert steered.complete(prompts, max_new_tokens=6, do_sample=True, top_k=10, seed=6, batch_size=3) != first
+    assert len(first) == 4 and all(isinstance(t, str) for t in first)
+
+
+# ----------------------------------------------------------------------------- bad input leaves the model unchanged
+
+
+def _snapshot(loaded):
+    model = loaded.model
+    ids = prompt_ids(loaded)
+    with torch.no_grad():
+        logits = model(ids).logits.clone()
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grad": [p.requires_grad for p in model.parameters()],
+        "training": model.training,
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+        "ids": ids,
+        "logits": logits,
+    }
+
+
+def _assert_unchanged(loaded, snap):
+    model = loaded.model
+    state = model.state_dict()
+    assert state.keys() == snap["state"].keys()
+    assert all(torch.equal(state[k], v) for k, v in snap["state"].items())
+    assert [p.requires_grad for p in model.parameters()] == snap["grad"]
+    assert model.training == snap["training"]
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == snap["hooks"]
+    with torch.no_grad():
+        assert torch.equal(model(snap["ids"]).logits, snap["logits"])
+
+
+def _other_model_experts(loaded):
+    experts = synthetic_experts(loaded)
+    return ExpertSet(experts.expertise, experts.sites, "another-model", "0" * 32)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda lm, es: steer(lm, es, "basketball", k=5), KeyError, "unknown"),
+    (lambda lm, es: steer(lm, es, "football", k=10 ** 9), ValueError, "units available"),
+    (lambda lm, es: steer(lm, es, "football", k=5, alpha=float("nan")), ValueError, "alpha"),
+    (lambda lm, es: steer(lm, es, {"football": 1, "woman": float("nan")}, k=5), ValueError, "Strength"),
+    (lambda lm, es: steer(lm, es, "football", k=5, mode="boost"), ValueError, "Unknown mode"),
+    (lambda lm, es: steer(lm, es, "football", k=5, mode="ablate", value="on_p50"), ValueError, "does not fit"),
+    (lambda lm, es: steer(lm, es, "football", k=5, tau=0.5), ValueError, "exactly one"),
+    (lambda lm, es: steer(lm, _other_model_experts(lm), "football", k=5), ModelMismatchError, "another-model"),
+])
+def test_bad_input_is_refused_and_model_unchanged(tiny_llama, call, error, match):
+    experts = synthetic_experts(tiny_llama)
+    snap = _snapshot(tiny_llama)
+    with pytest.raises(error, match=match):
+        call(tiny_llama, experts)
+    _assert_unchanged(tiny_llama, snap)
+
+
+def test_successful_steering_leaves_model_unchanged(tiny_llama):
+    snap = _snapshot(tiny_llama)
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), {"football": 1, "woman": -0.5}, k=20)
+    steered.generate(prompt_ids(tiny_llama), max_new_tokens=3, do_sample=True)
+    steered(input_ids=prompt_ids(tiny_llama))
+    _assert_unchanged(tiny_llama, snap)
+
+
+def test_corrupt_or_foreign_folder_is_refused(tiny_llama, tmp_path):
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=10)
+    good = steered.save_pretrained(tmp_path / "good")
+    snap = _snapshot(tiny_llama)
+
+    garbage = tmp_path / "garbage"
+    steered.save_pretrained(garbage)
+    (garbage / "steering.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a valid steered model"):
+        SteeredModel.from_pretrained(garbage, tiny_llama)
+
+    truncated = tmp_path / "truncated"
+    steered.save_pretrained(truncated)
+    text = (truncated / "steering.json").read_text()
+    (truncated / "steering.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="not a valid steered model"):
+        SteeredModel.from_pretrained(truncated, tiny_llama)
+
+    out_of_range = tmp_path / "out_of_range"
+    steered.save_pretrained(out_of_range)
+    config = json.loads((out_of_range / "steering.json").read_text())
+    config["sites"][0]["width"] = 2  # neurons beyond it now
+    (out_of_range / "steering.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a valid steered model|do not exist"):
+        SteeredModel.from_pretrained(out_of_range, tiny_llama)
+
+    missing = tmp_path / "missing"
+    steered.save_pretrained(missing)
+    (missing / "steering.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        SteeredModel.from_pretrained(missing, tiny_llama)
+
+    other = LoadedModel(tiny_llama.model, tiny_llama.tokenizer, "impostor", "1" * 32)
+    with pytest.raises(ModelMismatchError, match="impostor"):
+        SteeredModel.from_pretrained(good, other)
+    _assert_unchanged(tiny_llama, snap)
+
+
+# ----------------------------------------------------------------------------- save / load / hub
+
+_FRESH_PROCESS = r"""
+import json, sys
+import torch
+model_dir, steered_dir, ids = sys.argv[1], sys.argv[2], torch.tensor(json.loads(sys.argv[3]))
+pad = int(sys.argv[4])
+settings = dict(max_new_tokens=8, do_sample=True, top_k=10)
+
+# 1. pyvene alone: its load re-imports the intervention class from its module path.
+import pyvene
+from transformers import AutoModelForCausalLM
+assert "steer_experts" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+intervenable = pyvene.IntervenableModel.load(steered_dir, model)
+assert "steer_experts.interventions" in sys.modules
+torch.manual_seed(11)
+_, by_pyvene = intervenable.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                     unit_locations=None, intervene_on_prompt=True, pad_token_id=pad, **settings)
+
+# 2. steer_experts.
+from steer_experts.models import load_model
+from steer_experts.steering import SteeredModel
+steered = SteeredModel.from_pretrained(steered_dir, load_model(model_dir))
+ours = {"greedy": steered.generate(ids, max_new_tokens=8, do_sample=False).tolist(),
+        "sampled": steered.generate(ids, seed=11, **settings).tolist(), "pyvene": by_pyvene.tolist()}
+print("RESULT" + json.dumps(ours))
+"""
+
+
+@pytest.mark.parametrize("arch", ["gemma3"])  # the architecture pyvene has no mapping for
+def test_save_then_load_in_fresh_process(tmp_path, tokenizer, arch):
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)), dtype=torch.float32).eval()
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    loaded = load_model(str(model_dir))
+    steered = steer(loaded, synthetic_experts(loaded), {"football": 1.0, "woman": -1.0}, k=30, alpha=0.8)
+    steered_dir = steered.save_pretrained(tmp_path / "steered")
+    ids = prompt_ids(loaded, batch=2, length=4)
+    settings = dict(max_new_tokens=8, do_sample=True, top_k=10)
+    want = {"greedy": steered.generate(ids, max_new_tokens=8, do_sample=False).tolist(),
+            "sampled": steered.generate(ids, seed=11, **settings).tolist()}
+    plain = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                  pad_token_id=0)
+    assert plain.tolist() != want["greedy"], "steering should change the generation"
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    run = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(model_dir), str(steered_dir),
+                          json.dumps(ids.tolist()), str(loaded.tokenizer.pad_token_id)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    assert got["greedy"] == want["greedy"]
+    assert got["sampled"] == want["sampled"]
+    assert got["pyvene"] == want["sampled"]
+
+
+def test_saved_folder_and_model_card(tiny_llama, tmp_path):
+    experts = synthetic_experts(tiny_llama)
+    steered = steer(tiny_llama, experts, {"football": 1.0, "woman": -1.0}, tau=0.97, alpha=1.5)
+    folder = steered.save_pretrained(tmp_path / "s")
+    names = sorted(p.name for p in folder.iterdir())
+    assert {"README.md", "steering.json", "steering.safetensors", "config.json"} <= set(names)
+    assert len([n for n in names if n.startswith("intkey_")]) == len(set(steered.plan.layer.tolist()))
+    assert not [n for n in names if n.startswith(".")], "no temporary files left behind"
+    card = (folder / "README.md").read_text()
+    assert tiny_llama.fingerprint in card and tiny_llama.name in card
+    assert "tau = 0.97" in card and "alpha = 1.5" in card and "`set`" in card
+    for concept, strength in (("football", "+1"), ("woman", "-1")):
+        sel = experts.select(concept, tau=0.97)
+        row = next(line for line in card.splitlines() if line.startswith(f"| {concept} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == strength
+        owned = int(np.sum(steered.plan.concept == steered.plan.concepts.index(concept)))
+        assert int(cells[2]) == owned <= len(sel)
+        if owned == len(sel):  # no unit lost to the other concept: the AP statistics are the selection's
+            assert cells[3:6] == [f"{sel.ap.min():.3f}", f"{np.median(sel.ap):.3f}", f"{sel.ap.max():.3f}"]
+    assert "SteeredModel.from_pretrained(" in card
+    reloaded = SteeredModel.from_pretrained(folder, tiny_llama)
+    for key in ("layer", "neuron", "concept", "weight", "target", "ap", "auroc"):
+        assert np.array_equal(getattr(reloaded.plan, key), getattr(steered.plan, key))
+    assert reloaded.spec == steered.spec
+
+
+def test_push_to_hub_offline_fails_clearly(tiny_llama, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=5)
+    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
+        steered.push_to_hub("someone/steered-football")
+    with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
+        SteeredModel.from_pretrained("someone/steered-football", tiny_llama)
+
+
+def test_push_uploads_exactly_the_saved_folder(tiny_llama, monkeypatch, tmp_path):
+    from steer_experts import hub
+
+    uploaded = {}
+
+    def fake_upload(folder, repo_id, **kwargs):
+        uploaded.update({p.name: p.read_bytes() for p in Path(folder).iterdir()})
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(hub, "upload_folder", fake_upload)
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=5)
+    assert steered.push_to_hub("someone/x") == "https://huggingface.co/someone/x"
+    saved = steered.save_pretrained(tmp_path / "s", repo_id="someone/x")
+    on_disk = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert uploaded.keys() == on_disk.keys()
+    assert all(uploaded[n] == on_disk[n] for n in on_disk)
+    assert "SteeredModel.from_pretrained('someone/x'" in on_disk["README.md"].decode()
+
+
+def test_k_zero_is_the_plain_model(tiny_llama):
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=0)
+    assert len(steered.plan) == 0
+    ids = prompt_ids(tiny_llama)
+    torch.manual_seed(4)
+    plain = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True,
+                                      pad_token_id=tiny_llama.tokenizer.pad_token_id)
+    assert torch.equal(steered.generate(ids, seed=4, max_new_tokens=5, do_sample=True), plain)
+    with torch.no_grad():
+        assert torch.equal(steered(input_ids=ids).logits, tiny_llama.model(ids).logits)
