@@ -24,6 +24,10 @@ def _discover(args: argparse.Namespace) -> None:
     expert_set.save_pretrained(out)
     figure = plot_ap_by_layer(expert_set, out / "ap_by_layer.png")
     print(expert_set.summary(top=args.top))
+    truncated = expert_set.metadata["truncated_sentences"]
+    if truncated:
+        print(f"\n{truncated} of {expert_set.metadata['n_sentences']} sentences were longer than "
+              f"{args.max_length} tokens and were truncated (raise --max-length to keep them whole).")
     print(f"\nWrote {out}/ (expert set) and {figure}.")
 
 

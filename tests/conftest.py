@@ -50,6 +50,15 @@ def tiny_config(arch: str, vocab_size: int):
 ARCHS = ("llama", "gemma3", "gpt2", "qwen2", "gpt_neox")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one torch thread: tiny models otherwise spend their time synchronising threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (dequantised once into the user cache)."""

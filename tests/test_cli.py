@@ -1,4 +1,4 @@
-"""The steer-experts command line."""
+"""The steer-experts command line, on the real SmolLM2 and the example concepts."""
 
 from __future__ import annotations
 
@@ -8,21 +8,55 @@ from steer_experts.cli import main
 from steer_experts.experts import ExpertSet
 
 
+@pytest.fixture(scope="module")
+def example_dir(smollm2, tmp_path_factory):
+    """`steer-experts discover` on examples/concepts.jsonl; returns the output folder."""
+    out = tmp_path_factory.mktemp("example")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEER_EXPERTS_CACHE", str(out / "cache"))
+        mp.setattr("steer_experts.models.load_model", lambda *a, **k: smollm2)
+        assert main(["discover", "--concepts", "examples/concepts.jsonl", "--out", str(out / "experts")]) == 0
+    return out / "experts"
+
+
 @pytest.mark.integration
-def test_discover_on_the_example_concepts(smollm2, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("STEER_EXPERTS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("steer_experts.models.load_model", lambda *a, **k: smollm2)
-    assert main(["discover", "--concepts", "examples/concepts.jsonl", "--out", str(tmp_path / "out")]) == 0
-    expert_set = ExpertSet.from_pretrained(tmp_path / "out", model=smollm2)
+def test_discover_writes_experts_figure_and_summary(example_dir, smollm2, capsys):
+    expert_set = ExpertSet.from_pretrained(example_dir, model=smollm2)
     assert expert_set.concepts == ["football", "music", "cooking", "ocean"]
-    assert (tmp_path / "out" / "ap_by_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert (example_dir / "ap_by_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["search", "--experts", str(example_dir), "music", "--k", "3"]) == 0
     printed = capsys.readouterr().out
-    for concept in expert_set.concepts:
-        best = expert_set.experts_of(concept, 1)[0]
-        assert f"{best['layer']:>5} {best['neuron']:>6} {best['ap']:>7.4f}" in printed
+    for row in expert_set.experts_of("music", 3):
+        assert f"{row['layer']:>5} {row['neuron']:>6} {row['ap']:>7.4f}" in printed
+
+
+@pytest.mark.integration
+def test_label_and_audit(example_dir, capsys):
+    expert_set = ExpertSet.from_pretrained(example_dir)
+    best = expert_set.experts_of("cooking", 1)[0]
+    assert main(["label", "--experts", str(example_dir), "--layer", str(best["layer"]),
+                 "--neuron", str(best["neuron"])]) == 0
+    assert f"cooking ({best['ap']:.3f})" in capsys.readouterr().out
+    assert main(["audit", "--experts", str(example_dir), "--pair", "football,cooking", "--tau", "0.5"]) == 0
+    shared = set(expert_set.select("football", tau=0.5).units) & set(expert_set.select("cooking", tau=0.5).units)
+    assert f"{len(shared)} shared experts" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_generate_prints_both_continuations(example_dir, smollm2, capsys, monkeypatch):
+    monkeypatch.setattr("steer_experts.models.load_model", lambda *a, **k: smollm2)
+    assert main(["generate", "--experts", str(example_dir), "--concept", "football", "--k", "20",
+                 "--max-new-tokens", "6", "--greedy", "The weather today"]) == 0
+    printed = capsys.readouterr().out
+    assert "unsteered" in printed and "steered toward football" in printed and "20 units" in printed
 
 
 def test_bad_concepts_fail_before_anything_is_written(tmp_path, capsys):
     assert main(["discover", "--concepts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out")]) == 2
     assert "No concept file or folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_push_needs_a_saved_folder(tmp_path, capsys):
+    assert main(["push", "--experts", str(tmp_path), "--repo", "user/name"]) == 2
+    assert "neither a saved expert set nor a steered model" in capsys.readouterr().err

@@ -1,0 +1,337 @@
+"""Human alignment of expert overlap (ExpertLens): Spearman rho against MEN ratings.
+
+For concept data whose concept names are words (e.g. written by
+recipes/generate_concepts.py), find the experts of every concept, compare
+concepts by the Jaccard overlap of their expert sets at each tau and by the
+cosine of their AP vectors, and correlate with the human ratings of the pairs
+whose two words are concepts. The same pairs are scored by the baselines
+(static word embedding, contextual hidden states per layer, all-MiniLM-L6-v2).
+
+tau only means something relative to the positive rate r = P / (P + N): a unit
+that knows nothing has AP about r. So besides the absolute sweep, tau is also
+swept as r + m (1 - r) for multiples m; the paper's tau = 0.5 at 400 / 1000 is m = 0.3.
+
+    python recipes/human_alignment.py --concepts out/men100/concepts --out out/men100/alignment
+
+Resumable: the expert set and the baseline matrices are reused when present in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.baselines import SentenceEncoder, baseline_similarities  # noqa: E402
+from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.experts import ExpertSet, discover  # noqa: E402
+from steer_experts.models import load_model  # noqa: E402
+from steer_experts.similarity import (  # noqa: E402
+    SimilarityMatrix, agreement_ceiling, ap_cosine_similarity, experts_per_concept, human_alignment,
+    jaccard_similarity, load_men, load_ratings, rated_pair_values, relative_taus, spearman_difference,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MEN = DATA / "human" / "men" / "MEN_dataset_natural_form_full"
+AGREEMENT = DATA / "human" / "men" / "agreement-score.txt"
+TAUS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
+MULTIPLES = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--concepts", help="concept file or folder (ConceptSet.load); names must be the rated words")
+    p.add_argument("--expert-set", help="use this saved ExpertSet instead of discovering (baselines need --concepts)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratings", default=str(MEN), help="word-pair ratings (MEN format, or see --ratings-columns)")
+    p.add_argument("--ratings-columns", help="for TSV/CSV ratings: 'word1,word2,score' header names")
+    p.add_argument("--ceiling", type=float, help="human ceiling; default: read from --agreement")
+    p.add_argument("--agreement", default=str(AGREEMENT), help="MEN agreement-score.txt")
+    p.add_argument("--taus", default=",".join(map(str, TAUS)), help="absolute AP thresholds")
+    p.add_argument("--multiples", default=",".join(map(str, MULTIPLES)),
+                   help="thresholds relative to chance: tau = r + m (1 - r)")
+    p.add_argument("--n-negatives", type=int, default=1000)
+    p.add_argument("--max-length", type=int, default=64, help="tokens kept per sentence")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--min-positives", type=int, default=1,
+                   help="score only concepts with at least this many positives (all still serve as negatives)")
+    p.add_argument("--primary", default="ap cosine centred",
+                   help="the expert method judged against the baselines besides the best one (fixed in advance)")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads (1 is fastest on a busy shared machine)")
+    p.add_argument("--seed", type=int, default=0, help="negative sampling and bootstrap seed")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if not args.concepts and not args.expert_set:
+        p.error("give --concepts (and optionally --expert-set)")
+    if args.expert_set and not args.concepts and not args.no_baselines:
+        p.error("baselines need the sentences: give --concepts too, or --no-baselines")
+    return args
+
+
+def load_rating_file(args: argparse.Namespace):
+    """MEN by default; a TSV/CSV with named columns when --ratings-columns is given."""
+    if args.ratings_columns:
+        w1, w2, score = args.ratings_columns.split(",")
+        return load_ratings(args.ratings, word1_column=w1, word2_column=w2, score_column=score)
+    return load_men(args.ratings)
+
+
+def expert_set_for(args: argparse.Namespace, concepts: ConceptSet | None, model_holder: dict) -> ExpertSet:
+    """The saved expert set (--expert-set, or <out>/expert_set from an earlier run), else discover and save it."""
+    saved = Path(args.expert_set) if args.expert_set else Path(args.out) / "expert_set"
+    if (saved / "expert_set.json").exists():
+        return ExpertSet.from_pretrained(saved)
+    model = model_holder.setdefault("model", load_model(args.model))
+    expert_set = discover(model, concepts, n_negatives=args.n_negatives, seed=args.seed, max_length=args.max_length,
+                          batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet)
+    expert_set.save_pretrained(saved)
+    return expert_set
+
+
+def baselines_for(args: argparse.Namespace, concepts: ConceptSet, model_holder: dict) -> dict[str, SimilarityMatrix]:
+    """Baseline matrices, read from <out>/baselines/ when an earlier run wrote them."""
+    folder = Path(args.out) / "baselines"
+    index = folder / "index.json"
+    if index.exists():
+        names = json.loads(index.read_text())
+        return {name: SimilarityMatrix.from_csv(folder / f"{i:03d}.csv") for i, name in enumerate(names)}
+    model = model_holder.setdefault("model", load_model(args.model))
+    matrices = baseline_similarities(model, concepts, encoder=SentenceEncoder(), max_length=args.max_length,
+                                     batch_size=args.batch_size, progress=not args.quiet)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, matrix in enumerate(matrices.values()):
+        matrix.to_csv(folder / f"{i:03d}.csv")
+    atomic_write(index, lambda p: p.write_text(json.dumps(list(matrices), indent=1)))
+    return matrices
+
+
+def plot_alignment(rows: list[dict], ceiling: float, path: Path) -> None:
+    """rho vs tau (absolute, and relative to chance) with CI bands; experts per concept on a second axis;
+    horizontal lines for AP cosine, the baselines and the human ceiling."""
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5), sharey=True)
+    references = [r for r in rows if r["family"] in ("ap cosine", "baseline") and r["rho"] is not None and r.get("plot")]
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(references), 2)))
+    for ax, family, x_key, xlabel in ((axes[0], "jaccard", "tau", "tau (AP threshold)"),
+                                      (axes[1], "jaccard relative", "multiple", "m, with tau = r + m (1 - r)")):
+        curve = [r for r in rows if r["family"] == family]
+        x = np.array([r[x_key] for r in curve], dtype=float)
+        get = lambda key: np.array([np.nan if r[key] is None else r[key] for r in curve])  # noqa: E731
+        rho = get("rho")
+        ax.plot(x, rho, "o-", color="tab:red", lw=2, label="expert overlap (Jaccard), 95% CI")
+        ax.fill_between(x, get("low"), get("high"), color="tab:red", alpha=0.2)
+        undefined = np.isnan(rho)
+        if undefined.any():
+            ax.plot(x[undefined], np.full(undefined.sum(), -0.05), "x", color="grey", label="rho undefined")
+        ax.axhline(ceiling, color="k", lw=1.5, label=f"human ceiling {ceiling:.2f}")
+        for r, colour in zip(references, colours):
+            ax.axhline(r["rho"], ls="--", lw=1, color=colour, label=r["method"])
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(xlabel)
+        twin = ax.twinx()
+        twin.plot(x, [max(r["experts_median"], 0.5) for r in curve], "s:", color="tab:grey", ms=3)
+        twin.set_yscale("log")
+        twin.set_ylabel("median experts per concept (0 drawn at 0.5)", color="tab:grey", fontsize=8)
+    axes[0].set_ylabel("Spearman rho with human ratings")
+    axes[0].set_title("Absolute tau")
+    axes[1].set_title("tau relative to the positive rate r")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.80, 0.5))
+    fig.tight_layout(rect=(0, 0, 0.79, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV (atomic); keys of the first row are the columns."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
+def fmt(r: dict) -> str:
+    """'rho [low, high]' or 'undefined'."""
+    return "undefined" if r["rho"] is None else f"{r['rho']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+def write_report(out: Path, result: dict) -> None:
+    """The one-page Markdown summary of a run."""
+    rows = result["rows"]
+    lines = [
+        "# Human alignment of expert overlap", "",
+        f"- model `{result['model']}`, {result['n_concepts']} concepts "
+        f"({result['positives_min']}-{result['positives_max']} positives, {result['negatives']} negatives each; "
+        f"positive rate r = {result['positive_rate']:.3f})",
+        f"- {result['concepts_left_out']} concepts with fewer than {result['min_positives']} positives left out of "
+        "the scoring (their sentences still serve as negatives)",
+        f"- ratings `{result['ratings']}`: {result['pairs_available']} pairs have both words among the concepts",
+        f"- human ceiling {result['ceiling']:.2f}; bootstrap {result['n_boot']} resamples of pairs, 95% CI",
+        "", "![rho vs tau](alignment.png)", "",
+        "| method | rho [95% CI] | pairs | experts per concept (median) | concepts without experts |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["family"] == "baseline" and not r.get("plot") and not r["method"].startswith("contextual best"):
+            continue  # every layer is in alignment.csv; the table keeps the best and the summaries
+        lines.append(f"| {r['method']} | {fmt(r)} | {r['n_pairs']} | {r.get('experts_median', '')} | "
+                     f"{r.get('concepts_without_experts', '')} |")
+    lines += ["", "## Do experts beat every baseline?", "",
+              f"Judged: `{result['primary']}` (fixed before looking) and the best expert method on these pairs. "
+              "A method picked on the same pairs (best tau, best layer) is optimistic; the paired bootstrap "
+              "difference (same resampled pairs for both) is the comparison.", ""]
+    for v in result["verdicts"]:
+        lines.append(f"**{v['expert']}** (rho {v['expert_rho']:.3f}; best baseline {v['best_baseline']}, "
+                     f"rho {v['best_baseline_rho']:.3f}): **{v['answer']}**")
+        for d in v["differences"]:
+            if d["difference"] is None:
+                lines.append(f"- vs {d['baseline']}: undefined")
+                continue
+            sig = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "not resolved"
+            lines.append(f"- vs {d['baseline']}: {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                         f"over {d['n_pairs']} pairs: {sig}")
+        lines.append("")
+    lines += ["## Nearest neighbours (" + result["neighbour_method"] + ")", ""]
+    for row in result["neighbours"][:15]:
+        lines.append(f"- **{row['concept']}**: " + ", ".join(f"{n} ({s:.2f})" for n, s in row["neighbours"]))
+    atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+
+
+def verdict(expert: dict, baselines: list[dict], matrices: dict[str, SimilarityMatrix], ratings, args) -> dict:
+    """Does ``expert`` beat every baseline? Paired bootstrap differences of rho on the shared pairs."""
+    expert_values, scores = rated_pair_values(matrices[expert["method"]], ratings)
+    differences, beats_all = [], bool(baselines)
+    for b in baselines:
+        values, _ = rated_pair_values(matrices[b["method"]], ratings)
+        d = spearman_difference(expert_values, values, scores, n_boot=args.n_boot, seed=args.seed).to_dict()
+        differences.append({"baseline": b["method"], **d})
+        beats_all &= d["low"] is not None and d["low"] > 0
+    best = max(baselines, key=lambda r: r["rho"]) if baselines else {"method": "none", "rho": float("nan")}
+    answer = ("yes: above every baseline, paired 95% CI excludes 0" if beats_all else
+              "above every baseline in point estimate, not resolved for all" if expert["rho"] > best["rho"] else "no")
+    return {"expert": expert["method"], "expert_rho": expert["rho"], "best_baseline": best["method"],
+            "best_baseline_rho": best["rho"], "differences": differences, "beats_every_baseline": beats_all,
+            "answer": answer}
+
+
+def alignment_row(method: str, family: str, sim: SimilarityMatrix, ratings, args, **extra) -> dict:
+    """One result row: the correlation with the ratings and anything extra (``sim`` already restricted)."""
+    corr = human_alignment(sim, ratings, n_boot=args.n_boot, seed=args.seed).to_dict()
+    return {"method": method, "family": family, **{k: corr[k] for k in ("rho", "low", "high", "n_pairs", "p_value")},
+            **extra}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the result dict also written to ``<out>/alignment.json``."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "similarity").mkdir(parents=True, exist_ok=True)
+    ratings = load_rating_file(args)
+    ceiling = args.ceiling if args.ceiling is not None else agreement_ceiling(args.agreement)
+    concepts = ConceptSet.load(args.concepts) if args.concepts else None
+    holder: dict = {}
+    expert_set = expert_set_for(args, concepts, holder)
+    e = expert_set.expertise
+    names = [n for n, p in zip(expert_set.concepts, e.n_positives) if p >= args.min_positives]
+    dropped = len(expert_set.concepts) - len(names)
+    pairs_available = len(ratings.pairs_within(names))
+    if pairs_available < 3:
+        raise SystemExit(f"Only {pairs_available} rated pairs have both words among the concepts; "
+                         "check that the concept names are the rated words.")
+    print(f"{len(names)} concepts ({dropped} with fewer than {args.min_positives} positives left out), "
+          f"{pairs_available} rated pairs among them", file=sys.stderr)
+
+    kept = np.array([expert_set.concept_index(n) for n in names])
+    rows, matrices = [], {}
+    absolute = {f"jaccard tau={t:g}": ("jaccard", t, None) for t in map(float, args.taus.split(","))}
+    relative = {f"jaccard m={m:g} (tau={tau:.3f})": ("jaccard relative", tau, m)
+                for m, tau in relative_taus(expert_set, [float(m) for m in args.multiples.split(",")]).items()}
+    for method, (family, tau, multiple) in (absolute | relative).items():
+        sim = matrices[method] = jaccard_similarity(expert_set, tau).subset(names)
+        counts = experts_per_concept(expert_set, tau)[kept]
+        extra = {"tau": round(tau, 4)} | ({"multiple": multiple} if multiple is not None else {})
+        rows.append(alignment_row(method, family, sim, ratings, args, **extra, experts_median=int(np.median(counts)),
+                                  concepts_without_experts=int((counts == 0).sum())))
+    for centred in (False, True):
+        sim = ap_cosine_similarity(expert_set, centred=centred).subset(names)
+        matrices[sim.method] = sim
+        rows.append(alignment_row(sim.method, "ap cosine", sim, ratings, args, plot=True))
+
+    if not args.no_baselines:
+        # Over every concept of the expert set, so the saved matrices do not depend on --min-positives.
+        baselines = {k: v.subset(names) for k, v in
+                     baselines_for(args, concepts.subset(expert_set.concepts), holder).items()}
+        contextual = []
+        for key, sim in baselines.items():
+            row = alignment_row(key, "baseline", sim, ratings, args, plot=not key.startswith("contextual"))
+            rows.append(row)
+            if key.startswith("contextual") and row["rho"] is not None:
+                contextual.append(row)
+            matrices[key] = sim
+        if contextual:
+            best = max(contextual, key=lambda r: r["rho"])
+            rows.append({**best, "method": f"contextual best ({best['method']})", "plot": True})
+            matrices[rows[-1]["method"]] = baselines[best["method"]]
+
+    for i, (method, sim) in enumerate(matrices.items()):
+        if not method.startswith("contextual"):  # per-layer matrices already sit in baselines/
+            sim.to_csv(out / "similarity" / f"{i:03d}.csv")
+    atomic_write(out / "similarity" / "index.json", lambda p: p.write_text(json.dumps(
+        {f"{i:03d}.csv": m for i, m in enumerate(matrices) if not m.startswith("contextual")}, indent=1)))
+
+    experts = [r for r in rows if r["family"] in ("jaccard", "jaccard relative", "ap cosine") and r["rho"] is not None]
+    if not experts:
+        raise SystemExit("Every expert similarity is undefined on these pairs; lower tau or add sentences.")
+    best_expert = max(experts, key=lambda r: r["rho"])
+    baseline_rows = [r for r in rows if r["family"] == "baseline" and r["rho"] is not None
+                     and (r.get("plot") or r["method"].startswith("contextual best"))]
+    primary = next((r for r in experts if r["method"] == args.primary), None)
+    judged = [r for r in (primary, best_expert) if r is not None]
+    verdicts = [verdict(r, baseline_rows, matrices, ratings, args) for r in judged[: 1 if primary is best_expert else 2]]
+    neighbour_method = judged[0]["method"]
+    result = {
+        "model": expert_set.model_name, "n_concepts": len(names), "concepts_left_out": dropped,
+        "min_positives": args.min_positives, "ratings": str(args.ratings),
+        "pairs_available": pairs_available, "ceiling": ceiling, "n_boot": args.n_boot,
+        "positives_min": int(e.n_positives[kept].min()), "positives_max": int(e.n_positives[kept].max()),
+        "negatives": int(np.median(e.n_negatives)),
+        "positive_rate": float(np.mean(e.n_positives / (e.n_positives + e.n_negatives))),
+        "rows": rows,
+        "primary": args.primary, "verdicts": verdicts,
+        "neighbour_method": neighbour_method,
+        "neighbours": matrices[neighbour_method].nearest_table(5),
+    }
+    atomic_write(out / "alignment.json", lambda p: p.write_text(json.dumps(result, indent=1)))
+    write_csv(out / "alignment.csv", [{k: r.get(k) for k in ("method", "family", "tau", "multiple", "rho", "low",
+                                       "high", "n_pairs", "p_value", "experts_median", "concepts_without_experts")}
+                                      for r in rows])
+    plot_alignment(rows, ceiling, out / "alignment.png")
+    write_report(out, result)
+    for v in verdicts:
+        print(f"{v['expert']}: rho {v['expert_rho']:.3f}; best baseline {v['best_baseline']}: "
+              f"{v['best_baseline_rho']:.3f}; beats every baseline: {v['answer']}", file=sys.stderr)
+    print(f"ceiling {ceiling:.2f}; wrote {out}/report.md", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,263 @@
+"""Stability of expert-overlap similarity across models and across data.
+
+* across models: experts of the same concepts (same sentences, same sampled
+  negatives) in each model; Spearman rho between the models' concept-similarity
+  matrices (distinct pairs), with a Mantel permutation p-value;
+* across data, on the first model: the positives of every concept split into
+  two disjoint halves (negatives: the other concepts' positives in the same
+  half), and facts vs stories when the concept files carry a ``style`` column.
+
+Responses are collected once per model; the data splits reuse them (expertise
+is recomputed on the rows of each split only).
+
+    python recipes/stability.py --concepts out/men100/concepts --out out/men100/stability
+
+Resumable: each model's expert set is saved under <out>/models/ and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.experts import ExpertSet, discover  # noqa: E402
+from steer_experts.models import load_model  # noqa: E402
+from steer_experts.responses import collect_responses  # noqa: E402
+from steer_experts.similarity import (  # noqa: E402
+    SimilarityMatrix, ap_cosine_similarity, human_alignment, jaccard_similarity, load_men, matrix_agreement,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MEN = DATA / "human" / "men" / "MEN_dataset_natural_form_full"
+
+
+class RowView:
+    """Concepts as rows of one response matrix: what ``compute_expertise`` needs."""
+
+    def __init__(self, names: list[str], positives: list[np.ndarray], negatives: list[np.ndarray]):
+        self.names, self._pos, self._neg = names, positives, negatives
+
+    def positive_indices(self, i: int) -> np.ndarray:
+        """Rows of concept ``i``'s positives."""
+        return self._pos[i]
+
+    def negative_indices(self, i: int) -> np.ndarray:
+        """Rows of concept ``i``'s negatives."""
+        return self._neg[i]
+
+
+def view_of(groups: dict[str, list[str]], row_of: dict[str, int], n_negatives: int, seed: int) -> RowView:
+    """Each concept's positives are its group; its negatives up to ``n_negatives`` of the other groups' (seeded)."""
+    names = [n for n, g in groups.items() if g]
+    rng = np.random.default_rng(seed)
+    positives, negatives = [], []
+    for name in names:
+        own = np.array(sorted({row_of[s] for s in groups[name]}), dtype=np.int64)
+        others = np.array(sorted({row_of[s] for n in names if n != name for s in groups[n]} - set(own.tolist())),
+                          dtype=np.int64)
+        if len(others) > n_negatives:
+            others = np.sort(rng.choice(others, size=n_negatives, replace=False))
+        positives.append(own)
+        negatives.append(others)
+    return RowView(names, positives, negatives)
+
+
+def similarities(ap: np.ndarray, names: list[str], multiple: float, rate: float) -> dict[str, SimilarityMatrix]:
+    """The compared methods: AP cosine (raw, centred) and Jaccard at tau = r + m (1 - r)."""
+    tau = rate + multiple * (1 - rate)
+    jac = jaccard_similarity((ap, names), tau)
+    jac.method = f"jaccard m={multiple:g}"
+    return {"ap cosine": ap_cosine_similarity((ap, names)), "ap cosine centred": ap_cosine_similarity((ap, names), True),
+            jac.method: jac}
+
+
+def size_confound(sim: SimilarityMatrix, n_positives: dict[str, int]) -> float | None:
+    """Spearman rho between a similarity and log P_a + log P_b (P: positives) over the distinct pairs.
+
+    High values mean the similarity mostly tracks how many positives the two
+    concepts have (AP's chance level is the positive rate), not what they are;
+    such a similarity looks stable whenever the counts are.
+    """
+    i, j = np.triu_indices(len(sim.concepts), k=1)
+    size = np.log([n_positives[c] for c in sim.concepts])
+    values = sim.values[i, j]
+    ok = ~np.isnan(values)
+    sizes = (size[i] + size[j])[ok]
+    if ok.sum() < 3 or np.ptp(values[ok]) == 0 or np.ptp(sizes) == 0:
+        return None  # equal counts everywhere: nothing to confound with
+    return float(spearmanr(values[ok], sizes).statistic)
+
+
+def compare(label: str, a: dict[str, SimilarityMatrix], b: dict[str, SimilarityMatrix], args) -> list[dict]:
+    """One row per method: agreement of ``a`` and ``b`` over their common concepts."""
+    rows = []
+    for method in a:
+        common = [n for n in a[method].concepts if n in b[method].concepts]
+        agreement = matrix_agreement(a[method].subset(common), b[method].subset(common),
+                                     n_perm=args.n_perm, seed=args.seed)
+        rows.append({"comparison": label, "method": method, "concepts": len(common), **agreement.to_dict()})
+    return rows
+
+
+def scatter(a: SimilarityMatrix, b: SimilarityMatrix, xlabel: str, ylabel: str, rho: float | None, path: Path) -> None:
+    """Scatter of two matrices' values on the distinct pairs."""
+    common = [n for n in a.concepts if n in b.concepts]
+    x, y = a.subset(common).upper_triangle(), b.subset(common).upper_triangle()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(x, y, s=4, alpha=0.4)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(f"{a.method}: Spearman rho {rho:.2f}" if rho is not None else a.method, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def styles_of(folder: Path) -> dict[str, dict[str, list[str]]]:
+    """``{style: {concept: [positive sentences]}}`` from JSONL concept files that carry a style column."""
+    out: dict[str, dict[str, list[str]]] = {}
+    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else [folder] if folder.suffix == ".jsonl" else []
+    for f in files:
+        for line in f.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "style" in row and str(row.get("label", 1)) in ("1", "positive"):
+                    out.setdefault(row["style"], {}).setdefault(row["concept"], []).append(row["text"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the result dict also written to ``<out>/stability.json``."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--concepts", required=True, help="concept file or folder (ConceptSet.load)")
+    p.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma-separated; the first one is used "
+                   "for the data splits")
+    p.add_argument("--multiple", type=float, default=0.1, help="Jaccard at tau = r + m (1 - r)")
+    p.add_argument("--ratings", default=str(MEN), help="MEN ratings, for each model's alignment ('' to skip)")
+    p.add_argument("--n-negatives", type=int, default=1000)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-perm", type=int, default=1000, help="Mantel permutations")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    concepts = ConceptSet.load(args.concepts)
+    ratings = load_men(args.ratings) if args.ratings else None
+    sampled = concepts.with_sampled_negatives(args.n_negatives, args.seed)
+    collect = dict(max_length=args.max_length, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                   progress=not args.quiet)
+
+    per_model, alignment, rows, confound = {}, {}, [], {}
+    first_model = None
+    for name in args.models.split(","):
+        folder = out / "models" / Path(name).name
+        model = None
+        if (folder / "expert_set.json").exists():
+            expert_set = ExpertSet.from_pretrained(folder)
+        else:
+            print(f"discovering experts in {name}", file=sys.stderr)
+            model = load_model(name)
+            expert_set = discover(model, concepts, n_negatives=args.n_negatives, seed=args.seed, **collect)
+            expert_set.save_pretrained(folder)
+        e = expert_set.expertise
+        rate = float(np.mean(e.n_positives / (e.n_positives + e.n_negatives)))
+        per_model[name] = similarities(e.ap, expert_set.concepts, args.multiple, rate)
+        counts = dict(zip(expert_set.concepts, e.n_positives.tolist()))
+        confound[name] = {m: size_confound(sim, counts) for m, sim in per_model[name].items()}
+        if ratings is not None:
+            alignment[name] = {m: human_alignment(s, ratings, n_boot=1000, seed=args.seed).to_dict()
+                               for m, s in per_model[name].items()}
+        if first_model is None:
+            first_model = (name, model)
+    names = list(per_model)
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            rows += compare(f"models: {names[i]} vs {names[j]}", per_model[names[i]], per_model[names[j]], args)
+            method = "ap cosine centred"
+            scatter(per_model[names[i]][method], per_model[names[j]][method], names[i], names[j],
+                    next(r["rho"] for r in rows if r["comparison"].endswith(f"{names[i]} vs {names[j]}")
+                         and r["method"] == method), out / f"models_{i}_{j}.png")
+
+    # Data splits on the first model: one response matrix, expertise per split.
+    name, model = first_model
+    model = model or load_model(name)
+    responses = collect_responses(model, sampled.sentences, **collect)
+    row_of = {s: i for i, s in enumerate(sampled.sentences)}
+    splits = {}
+    half_a, half_b = concepts.split(0.5, seed=args.seed)
+    splits["halves"] = ({c.name: list(c.positives) for c in half_a.concepts},
+                        {c.name: list(c.positives) for c in half_b.concepts})
+    styles = styles_of(Path(args.concepts))
+    if {"facts", "stories"} <= set(styles):
+        splits["facts vs stories"] = (styles["facts"], styles["stories"])
+    split_sizes = {}
+    for label, (first, second) in splits.items():
+        matrices = []
+        for k, groups in enumerate((first, second)):
+            view = view_of(groups, row_of, args.n_negatives, args.seed + k)
+            expertise = compute_expertise(responses, view, progress=not args.quiet)
+            rate = float(np.mean(expertise.n_positives / (expertise.n_positives + expertise.n_negatives)))
+            matrices.append(similarities(expertise.ap, view.names, args.multiple, rate))
+            split_sizes[f"{label} {k}"] = {"concepts": len(view.names), "positives_median":
+                                           float(np.median(expertise.n_positives))}
+        rows += compare(f"data: {label}", matrices[0], matrices[1], args)
+        method = "ap cosine centred"
+        scatter(matrices[0][method], matrices[1][method], f"{label}: first", f"{label}: second",
+                next(r["rho"] for r in rows if r["comparison"] == f"data: {label}" and r["method"] == method),
+                out / f"data_{label.replace(' ', '_')}.png")
+
+    result = {"models": names, "multiple": args.multiple, "rows": rows, "alignment": alignment,
+              "positive_count_confound": confound,
+              "split_sizes": split_sizes, "n_concepts": len(concepts)}
+    atomic_write(out / "stability.json", lambda f: f.write_text(json.dumps(result, indent=1)))
+    lines = ["# Stability of expert-overlap similarity", "",
+             f"{len(concepts)} concepts; rho: Spearman between two similarity matrices' distinct pairs; "
+             f"p: Mantel permutation test ({args.n_perm} permutations).", "",
+             "| comparison | method | concepts | pairs | rho | p |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rho = "undefined" if r["rho"] is None else f"{r['rho']:.3f}"
+        pv = "" if r["p_value"] is None else f"{r['p_value']:.3g}"
+        lines.append(f"| {r['comparison']} | {r['method']} | {r['concepts']} | {r['n_pairs']} | {rho} | {pv} |")
+    lines += ["", "Split sizes: " + "; ".join(f"{k}: {v['concepts']} concepts, median {v['positives_median']:.0f} "
+                                             f"positives" for k, v in split_sizes.items())]
+    lines += ["", "## Does a similarity just track the concepts' positive counts?", "",
+              "Spearman rho between each model's similarity and log P_a + log P_b over the pairs (near 0 is good; "
+              "a similarity that tracks the counts is stable for that reason alone):", ""]
+    for name, methods in confound.items():
+        lines.append(f"- {name}: " + ", ".join(f"{m} {'undefined' if v is None else f'{v:.3f}'}"
+                                              for m, v in methods.items()))
+    if alignment:
+        lines += ["", "## Human alignment per model (MEN, Spearman rho [95% CI], pairs)", ""]
+        for name, methods in alignment.items():
+            for m, c in methods.items():
+                value = "undefined" if c["rho"] is None else f"{c['rho']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+                lines.append(f"- {name}, {m}: {value}, {c['n_pairs']} pairs")
+    lines += ["", "Figures: " + ", ".join(f"![{f.stem}]({f.name})" for f in sorted(out.glob("*.png")))]
+    atomic_write(out / "report.md", lambda f: f.write_text("\n".join(lines) + "\n"))
+    print(f"wrote {out}/report.md", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

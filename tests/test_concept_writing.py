@@ -1,0 +1,130 @@
+"""Concept data written by a local instruct model: word matching, filtering, seeding, resuming."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from steer_experts.concept_writing import (
+    DROP_REASONS, ConceptWriter, WritingSettings, mention_pattern, mentions, round_prompts, round_seed,
+    sentence_problem, split_sentences, write_concepts,
+)
+from steer_experts.concepts import ConceptDataError, ConceptSet
+from steer_experts.models import LoadedModel
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("sentence, word, expected", [
+    ("She sits on the old chair.", "sitting", True),
+    ("He was sitting by the door.", "sit", True),
+    ("The sites are busy today.", "sitting", False),
+    ("Flowers bloom in May.", "flower", True),
+    ("The flower is red.", "flowers", True),
+    ("Berries are sweet.", "berry", True),
+    ("He looked happier than ever.", "happy", True),
+    ("The cat's toy was lost.", "cat", True),
+    ("The catalog arrived.", "cat", False),
+    ("Cut the paper into strips.", "stripes", False),
+    ("The DOG barked.", "dog", True),
+    ("A hot-dog stand.", "dog", False),
+])
+def test_mentions(sentence, word, expected):
+    assert mentions(sentence, word) is expected
+
+
+def test_split_sentences_removes_list_markers():
+    text = "Here are five facts:\n1. Dogs bark loudly. Cats meow!\n2) \"Dogs are fun.\" They run.\n- A dog sleeps"
+    assert split_sentences(text) == ["Here are five facts:", "Dogs bark loudly.", "Cats meow!", "\"Dogs are fun.\"",
+                                     "They run.", "A dog sleeps"]
+
+
+@pytest.mark.parametrize("sentence, reason", [
+    ("A dog sleeps on the mat", "incomplete"),
+    ("Dogs bark.", "too_short"),
+    ("The dog " + "ran very far " * 15 + "away.", "too_long"),
+    ("The dog is happy today \U0001F436.", "symbols"),
+    ("The cat sleeps on the mat.", "no_mention"),
+    ("No fact about \"dog\" is known.", "quoted"),
+    ("The last word is \"dog\".", "quoted"),
+    ("The dog sleeps on the mat.", None),
+])
+def test_sentence_problem(sentence, reason):
+    assert sentence_problem(sentence, mention_pattern("dog"), 4, 20) == reason
+
+
+def test_round_prompts_alternate_styles_and_rotate():
+    s = WritingSettings(batch_size=6)
+    first, second = round_prompts("dog", 0, s), round_prompts("dog", 1, s)
+    assert [style for style, _ in first] == ["facts", "stories"] * 3
+    assert all('"dog"' in m for _, m in first)
+    assert first != second and len({m for _, m in first}) == 6
+    assert round_seed(0, "dog", 0) == round_seed(0, "dog", 0)
+    assert len({round_seed(0, "dog", 0), round_seed(0, "dog", 1), round_seed(0, "cat", 0), round_seed(1, "dog", 0)}) == 4
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="Unknown or no styles"):
+        WritingSettings(styles=("poems",))
+    with pytest.raises(ValueError, match="max_words"):
+        WritingSettings(min_words=10, max_words=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_instruct(tokenizer):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template: fast, writes noise."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32).eval()
+    return LoadedModel.from_hf(model, tokenizer, name="tiny-instruct")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):
+    """Tiny models run faster on one thread."""
+
+
+SMALL = dict(batch_size=4, max_new_tokens=12, n_positives=50)
+
+
+def test_same_seed_same_state_and_resume_is_exact(tiny_instruct, tmp_path):
+    once = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "a", WritingSettings(max_rounds=2, **SMALL),
+                          progress=False)
+    first = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "b", WritingSettings(max_rounds=1, **SMALL),
+                           progress=False)
+    resumed = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "b", WritingSettings(max_rounds=2, **SMALL),
+                             progress=False)
+    strip = lambda p: {k: v for k, v in asdict(p).items() if k != "seconds"}  # noqa: E731
+    assert [strip(p) for p in once.words] == [strip(p) for p in resumed.words]
+    assert resumed.run_tokens == once.run_tokens - first.run_tokens  # only the second rounds ran
+    for p in once.words:
+        assert p.rounds == 2
+        assert p.counts["generated"] == p.counts["kept"] + sum(p.counts[r] for r in DROP_REASONS)
+        assert 0 < p.tokens <= 2 * SMALL["batch_size"] * SMALL["max_new_tokens"]
+    other_seed = write_concepts(tiny_instruct, ["dog"], tmp_path / "c",
+                                WritingSettings(max_rounds=1, seed=1, **SMALL), progress=False)
+    assert other_seed.words[0].tokens != once.words[0].tokens or other_seed.words[0].counts != once.words[0].counts
+
+
+def test_other_settings_are_refused(tiny_instruct, tmp_path):
+    write_concepts(tiny_instruct, ["dog"], tmp_path, WritingSettings(max_rounds=1, **SMALL), progress=False)
+    with pytest.raises(ConceptDataError, match="temperature"):
+        ConceptWriter(tiny_instruct, tmp_path, WritingSettings(temperature=0.5, **SMALL))
+
+
+@pytest.mark.integration
+def test_smollm2_writes_loadable_concepts(smollm2, tmp_path):
+    settings = WritingSettings(batch_size=4, max_new_tokens=48, n_positives=3, max_rounds=2)
+    report = write_concepts(smollm2, ["apple"], tmp_path, settings, progress=False)
+    (concept,) = ConceptSet.load(tmp_path).concepts
+    assert concept.name == "apple" and 1 <= len(concept.positives) <= 3
+    for s in concept.positives:
+        assert mentions(s, "apple") and sentence_problem(s, mention_pattern("apple"), 4, 40) is None
+    rows = [json.loads(line) for line in (tmp_path / "apple.jsonl").read_text().splitlines()]
+    assert {r["style"] for r in rows} <= {"facts", "stories"} and all(r["label"] == 1 for r in rows)
+    summary = report.to_dict()
+    assert summary["kept_sentences"] >= summary["positives_per_word"]["apple"] == len(rows)
+    assert 0 < summary["yield"] <= 1 and summary["tokens_per_second"] > 0

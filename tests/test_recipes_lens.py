@@ -1,0 +1,202 @@
+"""The lens recipes end to end at CI size: 10 MEN words, 6 template sentences each, a tiny random model."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from steer_experts.experts import ExpertSet
+
+from .conftest import MEN, tiny_config
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MEN_FILE = MEN / "MEN_dataset_natural_form_full"
+pytestmark = pytest.mark.skipif(not MEN_FILE.exists(), reason=f"MEN not found at {MEN_FILE.resolve()}")
+
+TEMPLATES = ("The {w} was there in the morning.", "Everyone talked about the {w} at dinner.",
+             "I saw a {w} near the old bridge.", "A {w} can change the whole day.",
+             "She wrote a poem about the {w}.", "Nobody expected the {w} to be so close.")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_torch_thread):
+    """Tiny models run faster on one thread."""
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def men_rows() -> list[tuple[str, str, float]]:
+    lines = MEN_FILE.read_text().splitlines()[1:]
+    return [(a, b, float(s)) for a, b, s in (line.split() for line in lines if line.strip())]
+
+
+@pytest.fixture(scope="module")
+def words() -> list[str]:
+    """10 MEN words that share many pairs: a dense corner found without the library's greedy."""
+    rows = men_rows()
+    degree: dict[str, int] = {}
+    for a, b, _ in rows:
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    chosen = [max(degree, key=lambda w: (degree[w], w))]
+    while len(chosen) < 10:
+        linked = {w: sum((a == w and b in chosen) or (b == w and a in chosen) for a, b, _ in rows) for w in degree}
+        chosen.append(max((w for w in degree if w not in chosen), key=lambda w: (linked[w], degree[w], w)))
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def concept_folder(tmp_path_factory, words) -> Path:
+    folder = tmp_path_factory.mktemp("concepts")
+    for w in words:
+        rows = [{"concept": w, "text": t.format(w=w), "label": 1, "style": "facts" if i < 3 else "stories"}
+                for i, t in enumerate(TEMPLATES)]
+        (folder / f"{w}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def save_tiny(folder: Path, arch: str, tokenizer) -> Path:
+    """A tiny random model with SmolLM2's tokenizer, saved so a recipe loads it by path."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)), dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def alignment(tmp_path_factory, concept_folder, tiny_folder):
+    out = tmp_path_factory.mktemp("alignment")
+    args = ["--out", str(out), "--concepts", str(concept_folder), "--model", str(tiny_folder),
+            "--ratings", str(MEN_FILE), "--agreement", str(MEN / "agreement-score.txt"),
+            "--n-negatives", "30", "--n-boot", "200", "--cache-dir", str(out / "cache"), "--quiet"]
+    return out, recipe("human_alignment").main(args), args
+
+
+def test_alignment_outputs_exist(alignment):
+    out, result, _ = alignment
+    for name in ("alignment.json", "alignment.csv", "alignment.png", "report.md", "expert_set/expert_set.json",
+                 "baselines/index.json", "similarity/index.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "alignment.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    with (out / "alignment.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(result["rows"])
+    assert result["ceiling"] == 0.84
+
+
+def test_alignment_numbers_are_consistent(alignment, words):
+    out, result, _ = alignment
+    rated = [(a, b) for a, b, _ in men_rows() if a in words and b in words]
+    assert result["pairs_available"] == len(rated) > 3
+    expert_set = ExpertSet.from_pretrained(out / "expert_set")
+    ap = expert_set.expertise.ap
+    index = {c: i for i, c in enumerate(expert_set.concepts)}
+    families = {r["family"] for r in result["rows"]}
+    assert {"jaccard", "jaccard relative", "ap cosine", "baseline"} <= families
+    for r in result["rows"]:
+        if r["family"] in ("jaccard", "jaccard relative"):
+            # Pairs count when both words have at least one expert at this tau.
+            has = {c for c in words if (ap[index[c]] > r["tau"]).any()}
+            expected = sum(a in has and b in has for a, b in rated)
+        else:
+            expected = len(rated)
+        assert r["n_pairs"] == expected, r["method"]
+        if r["rho"] is None:
+            assert r["low"] is None and r["high"] is None
+        else:
+            assert -1 <= r["low"] <= r["rho"] <= r["high"] <= 1, r["method"]
+
+
+def test_alignment_matrices_match_expert_set(alignment):
+    out, _, _ = alignment
+    expert_set = ExpertSet.from_pretrained(out / "expert_set")
+    index = json.loads((out / "similarity" / "index.json").read_text())
+    files = {method: name for name, method in index.items()}
+    from steer_experts.similarity import SimilarityMatrix
+
+    cosine = SimilarityMatrix.from_csv(out / "similarity" / files["ap cosine centred"])
+    ap = expert_set.expertise.ap - expert_set.expertise.ap.mean(axis=0)
+    unit = ap / np.linalg.norm(ap, axis=1, keepdims=True)
+    assert np.allclose(cosine.values, unit @ unit.T, atol=1e-5)
+
+
+def test_alignment_resumes_from_saved_work(alignment):
+    out, result, args = alignment
+    before = (out / "expert_set" / "expert_set.safetensors").stat().st_mtime_ns
+    again = recipe("human_alignment").main(args)
+    assert (out / "expert_set" / "expert_set.safetensors").stat().st_mtime_ns == before
+    assert [r["rho"] for r in again["rows"]] == [r["rho"] for r in result["rows"]]
+
+
+# --------------------------------------------------------------------------- organisation and stability
+
+
+def test_organisation(alignment, words, tmp_path):
+    from sklearn.metrics import adjusted_rand_score
+
+    out, _, _ = alignment
+    categories = {w: "ab"[i % 2] for i, w in enumerate(words)}
+    (tmp_path / "cat.csv").write_text("concept,category\n" + "".join(f"{w},{c}\n" for w, c in categories.items()))
+    result = recipe("organisation").main(["--out", str(tmp_path / "org"), "--expert-set", str(out / "expert_set"),
+                                          "--categories", str(tmp_path / "cat.csv"), "--label-tau", "0.3"])
+    for name in ("dendrogram.png", "heatmap.png", "layers.png", "report.md", "similarity.csv", "neuron_labels.jsonl"):
+        assert (tmp_path / "org" / name).stat().st_size > 0, name
+    assert sorted(result["order"]) == sorted(words)
+    ari = result["adjusted_rand"]
+    found = ari["clusters_by_concept"]
+    assert ari["ari"] == adjusted_rand_score([categories[w] for w in found], list(found.values()))
+    assert len(set(found.values())) <= 2
+    for share in result["layer_share"].values():
+        assert share == [] or abs(sum(share) - 1) < 1e-9
+    ap = ExpertSet.from_pretrained(out / "expert_set").expertise.ap
+    assert result["labelled_neurons"] == int((ap > 0.3).any(axis=0).sum())
+
+
+def test_stability(concept_folder, tiny_folder, tokenizer, tmp_path):
+    from scipy.stats import spearmanr
+
+    gemma = save_tiny(tmp_path / "tiny-gemma", "gemma3", tokenizer)
+    out = tmp_path / "stab"
+    result = recipe("stability").main([
+        "--out", str(out), "--concepts", str(concept_folder), "--models", f"{tiny_folder},{gemma}",
+        "--ratings", str(MEN_FILE), "--n-negatives", "30", "--n-perm", "50", "--cache-dir", str(tmp_path / "cache"),
+        "--quiet"])
+    comparisons = {r["comparison"] for r in result["rows"]}
+    assert comparisons == {f"models: {tiny_folder} vs {gemma}", "data: halves", "data: facts vs stories"}
+    for r in result["rows"]:
+        assert r["rho"] is None or (-1 <= r["rho"] <= 1 and 0 < r["p_value"] <= 1), r
+    # The cross-model number, recomputed from the two saved expert sets.
+    sets = [ExpertSet.from_pretrained(out / "models" / Path(m).name) for m in (tiny_folder, gemma)]
+    upper = []
+    for es in sets:
+        ap = es.expertise.ap - es.expertise.ap.mean(axis=0)
+        unit = ap / np.linalg.norm(ap, axis=1, keepdims=True)
+        upper.append((unit @ unit.T)[np.triu_indices(len(es.concepts), k=1)])
+    row = next(r for r in result["rows"] if r["comparison"].startswith("models") and r["method"] == "ap cosine centred")
+    assert row["rho"] == pytest.approx(spearmanr(*upper).statistic)
+    assert result["split_sizes"]["halves 0"]["positives_median"] == 3
+    assert result["split_sizes"]["facts vs stories 1"]["positives_median"] == 3
+    assert (out / "report.md").stat().st_size > 0
+
+
+def test_alignment_min_positives_leaves_concepts_out(alignment):
+    _, _, args = alignment
+    with pytest.raises(SystemExit, match="Only 0 rated pairs"):
+        recipe("human_alignment").main([*args, "--min-positives", str(len(TEMPLATES) + 1)])
