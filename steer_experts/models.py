@@ -130,6 +130,11 @@ def _materialise_embedded(name: str) -> Path:
             json.dumps({"embedded": name, "package": emb.package, "gguf": gguf.name, "hub_id": emb.hub_id})
         )
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+        # Another process finished the same conversion first; its copy is as good as ours.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

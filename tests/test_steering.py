@@ -342,3 +342,19 @@ def test_k_zero_is_the_plain_model(tiny_llama):
     assert torch.equal(steered.generate(ids, seed=4, max_new_tokens=5, do_sample=True), plain)
     with torch.no_grad():
         assert torch.equal(steered(input_ids=ids).logits, tiny_llama.model(ids).logits)
+
+
+def test_steered_forward_with_no_experts_is_the_plain_forward(tiny_llama):
+    """k=0 wraps the model with no unit changed; its forward still returns the model's output."""
+    import torch
+
+    from steer_experts.steering import steer
+
+    from .test_interventions import prompt_ids, synthetic_experts
+
+    experts = synthetic_experts(tiny_llama)
+    ids = prompt_ids(tiny_llama)
+    steered = steer(tiny_llama, experts, experts.concepts[0], k=0)
+    with torch.no_grad():
+        expected = tiny_llama.model(input_ids=ids).logits
+        torch.testing.assert_close(steered(input_ids=ids).logits, expected)

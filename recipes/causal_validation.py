@@ -1,0 +1,346 @@
+"""Causal validation of experts: are they needed for the concept, and are they found reliably?
+
+Two tests per concept, each ending in a one-line verdict with its numbers.
+
+1. **Ablation.** On prompts that invite the concept (recipes/prompts.py, e.g. "My
+   favourite sport is"), silence the top-k experts at every position -- set them
+   to zero, or to their mean response on the negatives (``off_mean``), or dampen
+   them AurA-style (``dampen``: z <- z (1 - 2 (AUROC - 0.5)), toward zero) -- and
+   compare with treating k random units the same way (``--controls``). Note that
+   ``off_mean`` is a mean of *sentence maxima* (responses are max-pooled), which
+   lies above a unit's typical per-token value: setting a unit to it at every
+   position raises it at most positions, so it can induce the concept rather than
+   remove it (and so can ``zero`` for units whose per-token values are mostly
+   negative). ``dampen`` only shrinks activations toward zero. Two measures:
+
+   * p(concept) of sampled continuations (T = 1.0, top-k 10), with 95% bootstrap
+     intervals; the verdict is YES when the interval of p(random) - p(experts) lies
+     entirely above 0 at some k and silencing, REVERSED when instead it lies
+     entirely below 0 somewhere (silencing the experts raises p(concept)), else
+     NOT SHOWN.
+   * the exact probability that the continuation *begins* with the concept word
+     (chain rule over its tokens; one forward pass, no sampling noise), averaged
+     over prompts, reported next to it.
+
+2. **Generalisation.** Split every concept's positives and negatives in two halves
+   (``ConceptSet.split``), score expertise on each half from the cached unit
+   responses, choose the top-k experts on the first half and measure their AP on
+   the held-out half. Reported: mean AP on the choosing half, on the held-out half,
+   the drop, the AP of the held-out half's own top-k (the best possible there),
+   chance (the held-out positive rate) and the overlap of the two top-k sets. The
+   verdict asks that the held-out AP keep at least ``--keep`` (default 0.8) of the
+   choosing half's AP above chance, at every k.
+
+Outputs: samples.jsonl, ablation.csv, generalisation.csv, report.txt, report.json,
+ablation.png. Resumable (ablation cells are skipped when done).
+
+    python recipes/causal_validation.py --out out/causal_validation --concept football
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from prompts import concept_word, inviting_prompts  # noqa: E402
+from recipe_io import (  # noqa: E402
+    ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, difference_row, distinct_forms, experts_for, mean_row,
+    next_word_probability, parse_numbers, rate_row, rows_of, set_threads, write_csv, write_text,
+)
+from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.evaluation import concept_presence, concept_words  # noqa: E402
+from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.responses import collect_responses  # noqa: E402
+from steer_experts.steering import steer  # noqa: E402
+
+BASE = "base"
+SILENCING = ("zero", "off_mean", "dampen")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
+    p.add_argument("--concepts", default=str(ONESEC),
+                   help="concept data (ConceptSet.load): discovery and the generalisation split")
+    p.add_argument("--concept", action="append", help="concept to validate (repeatable); default: all")
+    p.add_argument("--ks", default="10,30,100,300", help="numbers of units ablated")
+    p.add_argument("--values", default="zero,off_mean,dampen",
+                   help="how units are silenced: zero, off_mean (set to that value), dampen (AurA factor)")
+    p.add_argument("--controls", default="random", help="controls: random, lowest")
+    p.add_argument("--samples-per-prompt", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--split-ks", default="10,30,100,300", help="expert counts for the generalisation test")
+    p.add_argument("--split-fraction", type=float, default=0.5)
+    p.add_argument("--keep", type=float, default=0.8,
+                   help="share of above-chance AP the held-out half must keep for the verdict")
+    p.add_argument("--no-ablation", action="store_true", help="run the generalisation test only")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="sampling, random controls, bootstrap, split")
+    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
+    args = p.parse_args(argv)
+    args.ks = sorted(set(parse_numbers(args.ks)))
+    args.split_ks = sorted(set(parse_numbers(args.split_ks)))
+    args.values = parse_numbers(args.values, str)
+    args.controls = parse_numbers(args.controls, str)
+    if any(v not in SILENCING for v in args.values):
+        p.error(f"--values takes some of {', '.join(SILENCING)}")
+    if any(c not in ("random", "lowest") for c in args.controls):
+        p.error("--controls takes random and/or lowest")
+    if any(k < 1 for k in args.ks + args.split_ks):
+        p.error("k must be >= 1 (k = 0, the unablated model, is always run)")
+    return args
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def grid(names: list[str], args) -> list[dict]:
+    cells = []
+    for concept in names:
+        cells.append(dict(concept=concept, condition=BASE, value="none", k=0))
+        for k in args.ks:
+            for value in args.values:
+                for condition in ["experts", *args.controls]:
+                    cells.append(dict(concept=concept, condition=condition, value=value, k=k))
+    return cells
+
+
+def concept_forms(concept: str) -> list[str]:
+    """The concept word, its plural, each also capitalised (the forms a continuation can start with)."""
+    forms = [w for w in concept_words(concept_word(concept)) if "'" not in w]
+    return list(dict.fromkeys(f for w in forms for f in (w, w.capitalize())))
+
+
+def run_cell(cell: dict, model, expert_set, args) -> list[dict]:
+    """One ablation cell: sampled continuations of the inviting prompts and the next-word probability."""
+    prompts = list(inviting_prompts(cell["concept"]))
+    control = cell["condition"] if cell["condition"] in ("random", "lowest") else None
+    if cell["value"] == "dampen":
+        mode, value = "dampen", None
+    else:
+        mode, value = "ablate", None if cell["value"] == "none" else cell["value"]
+    steered = steer(model, expert_set, cell["concept"], k=cell["k"], mode=mode, value=value, control=control,
+                    seed=args.seed)
+    per_prompt = []
+    for prompt in prompts:
+        forms = distinct_forms(model.tokenizer, prompt, concept_forms(cell["concept"]))
+        per_prompt.append(float(next_word_probability(SteeredScorer(steered), model.tokenizer, [prompt], forms).sum()))
+    asked = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    texts = steered.complete(asked, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+    return [dict(cell, prompt_index=i // args.samples_per_prompt, prompt=asked[i], text=texts[i],
+                 p_next=per_prompt[i // args.samples_per_prompt]) for i in range(len(texts))]
+
+
+def ablation_table(rows: list[dict], names: list[str], args) -> list[dict]:
+    table = []
+    for concept in names:
+        words = concept_words(concept_word(concept))
+        mine = [r for r in rows if r["concept"] == concept]
+        base = [r for r in mine if r["condition"] == BASE]
+        base_flags = concept_presence([r["text"] for r in base], words)
+        keys = [(BASE, "none", 0)] + [(c, v, k) for k in args.ks for v in args.values
+                                       for c in ["experts", *args.controls]]
+        for condition, value, k in keys:
+            cell = [r for r in mine if (r["condition"], r["value"], r["k"]) == (condition, value, k)]
+            flags = concept_presence([r["text"] for r in cell], words)
+            next_by_prompt = list({r["prompt_index"]: r["p_next"] for r in cell}.values())
+            row = dict(concept=concept, condition=condition, value=value, k=k, n=len(cell))
+            row.update(rate_row(flags, "p_concept", args.seed, args.n_boot))
+            row.update(difference_row(base_flags, flags, "drop", args.seed, args.n_boot))
+            row.update(mean_row(next_by_prompt, "p_next", args.seed, args.n_boot))
+            table.append(row)
+    return table
+
+
+def ablation_verdict(rows: list[dict], table: list[dict], concept: str, control: str, args) -> dict:
+    """Whether ablating experts lowers p(concept) more than ablating ``control`` units, with the numbers.
+
+    Supported when, at some k and value, the 95% bootstrap interval of
+    gap = p(control ablated) - p(experts ablated) lies entirely above 0; reversed
+    when some interval lies entirely below 0.
+    """
+    words = concept_words(concept_word(concept))
+    summary = {(r["condition"], r["value"], r["k"]): r for r in table if r["concept"] == concept}
+    base = summary[(BASE, "none", 0)]
+
+    def flags(condition, value, k):
+        return concept_presence([r["text"] for r in rows if r["concept"] == concept
+                                 and (r["condition"], r["value"], r["k"]) == (condition, value, k)], words)
+
+    comparisons = []
+    for value in args.values:
+        for k in args.ks:
+            e, c = summary[("experts", value, k)], summary[(control, value, k)]
+            gap = difference_row(flags(control, value, k), flags("experts", value, k), "gap", args.seed, args.n_boot)
+            comparisons.append(dict(value=value, k=k, p_base=base["p_concept"], p_experts=e["p_concept"],
+                                    p_control=c["p_concept"], **gap, p_next_base=base["p_next"],
+                                    p_next_experts=e["p_next"], p_next_control=c["p_next"]))
+    shown = [c for c in comparisons if c["gap_low"] > 0]
+    return {"control": control, "supported": bool(shown), "first": shown[0] if shown else None,
+            "reversed": any(c["gap_high"] < 0 for c in comparisons), "comparisons": comparisons}
+
+
+def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None:
+    fig, axes = plt.subplots(len(args.values), len(names), figsize=(max(6.5, 5 * len(names)), 3.8 * len(args.values)),
+                             squeeze=False)
+    for i, value in enumerate(args.values):
+        for ax, concept in zip(axes[i], names):
+            base = next(r for r in table if r["concept"] == concept and r["condition"] == BASE)
+            for condition in ["experts", *args.controls]:
+                rows = [base] + [r for r in table if r["concept"] == concept and r["condition"] == condition
+                                 and r["value"] == value]
+                err = [[r["p_concept"] - r["p_concept_low"] for r in rows], [r["p_concept_high"] - r["p_concept"]
+                                                                            for r in rows]]
+                ax.errorbar([r["k"] for r in rows], [r["p_concept"] for r in rows], yerr=err, marker="o", ms=4,
+                            capsize=3, label=f"{condition} ablated")
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks([0, *args.ks], [str(k) for k in [0, *args.ks]])
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("k (units ablated)")
+            ax.set_ylabel(f"p({concept_word(concept)})")
+            ax.set_title(f"{concept_word(concept)}, silenced: {value}")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Ablation on concept-inviting prompts, {args.model} (95% bootstrap intervals)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- generalisation
+
+
+def generalisation(model, concept_set: ConceptSet, names: list[str], args) -> list[dict]:
+    """Per concept and k: AP of the first half's top-k experts on both halves (see the module docstring)."""
+    table = []
+    for name in names:
+        whole = concept_set.subset([name])  # the sentences discovery saw, so the responses come from the cache
+        responses = collect_responses(model, whole.sentences, cache_dir=args.cache_dir)
+        first, second = whole.split(args.split_fraction, seed=args.seed)
+        ap_a = compute_expertise(responses, rows_of(first.concepts, whole.sentences), progress=False).ap[0]
+        held = compute_expertise(responses, rows_of(second.concepts, whole.sentences), progress=False)
+        ap_b = held.ap[0]
+        chance = float(held.n_positives[0] / (held.n_positives[0] + held.n_negatives[0]))
+        order_a, order_b = np.argsort(-ap_a, kind="stable"), np.argsort(-ap_b, kind="stable")
+        for k in args.split_ks:
+            top_a, top_b = order_a[:k], order_b[:k]
+            a, b = float(ap_a[top_a].mean()), float(ap_b[top_a].mean())
+            kept = (b - chance) / (a - chance) if a > chance else float("nan")
+            table.append(dict(concept=name, k=k, ap_choosing=a, ap_held_out=b, ap_drop=a - b,
+                              ap_held_out_min=float(ap_b[top_a].min()), ap_held_out_own_topk=float(ap_b[top_b].mean()),
+                              chance=chance, kept_above_chance=kept,
+                              overlap=len(np.intersect1d(top_a, top_b)) / k,
+                              n_choosing=len(first.concepts[0].positives) + len(first.concepts[0].negatives),
+                              n_held_out=len(second.concepts[0].positives) + len(second.concepts[0].negatives)))
+    return table
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(names, verdicts, general, args, out: Path) -> str:
+    lines = [f"Causal validation on {args.model}. Ablation: {args.samples_per_prompt} samples per inviting prompt, "
+             f"{args.max_new_tokens} tokens, T={args.temperature:g}, top-k {args.top_k}; gap = p(control ablated) - "
+             "p(experts ablated) with a 95% bootstrap interval; p_next = probability that the continuation starts "
+             f"with the concept word. Generalisation: split {args.split_fraction:g}/{1 - args.split_fraction:g}, "
+             f"seed {args.seed}."]
+    for concept in names:
+        lines.append(f"\n== {concept}")
+        for v in verdicts.get(concept, []):
+            f = v["first"]
+            reversed_ = [c for c in v["comparisons"] if c["gap_high"] < 0]
+            if f:
+                lines.append(f"ablation vs {v['control']}: YES - at k={f['k']} ({f['value']}) p(concept) "
+                             f"{f['p_base']:.2f} -> {f['p_experts']:.2f} (experts) vs {f['p_control']:.2f} "
+                             f"({v['control']}); gap {f['gap']:.2f} [{f['gap_low']:.2f}, {f['gap_high']:.2f}]; "
+                             f"p_next {f['p_next_base']:.3f} -> {f['p_next_experts']:.3f} vs "
+                             f"{f['p_next_control']:.3f}.")
+            else:
+                worst = min(reversed_ or v["comparisons"], key=lambda c: c["gap"])
+                best = max(v["comparisons"], key=lambda c: c["gap"])
+                shown = worst if reversed_ else best
+                verdict = ("REVERSED - silencing the experts raises p(concept)" if reversed_
+                           else "NOT SHOWN at this sample size")
+                lines.append(f"ablation vs {v['control']}: {verdict}; e.g. k={shown['k']} ({shown['value']}): "
+                             f"p {shown['p_base']:.2f} -> {shown['p_experts']:.2f} vs {shown['p_control']:.2f}, gap "
+                             f"{shown['gap']:.2f} [{shown['gap_low']:.2f}, {shown['gap_high']:.2f}]; p_next "
+                             f"{shown['p_next_base']:.3f} -> {shown['p_next_experts']:.3f} vs "
+                             f"{shown['p_next_control']:.3f}.")
+            for c in v["comparisons"]:
+                lines.append(f"   k={c['k']:>5} {c['value']:>8}: p base {c['p_base']:.2f}, "
+                             f"experts {c['p_experts']:.2f}, "
+                             f"{v['control']} {c['p_control']:.2f}, gap {c['gap']:+.2f} [{c['gap_low']:+.2f}, "
+                             f"{c['gap_high']:+.2f}]; p_next {c['p_next_base']:.3f} / {c['p_next_experts']:.3f} / "
+                             f"{c['p_next_control']:.3f}")
+        mine = [g for g in general if g["concept"] == concept]
+        if mine:
+            ok = all(g["kept_above_chance"] >= args.keep for g in mine)
+            lines.append(f"generalisation: {'YES' if ok else 'NO'} - held-out AP keeps "
+                         + ", ".join(f"{g['kept_above_chance']:.2f} (k={g['k']})" for g in mine)
+                         + f" of the above-chance AP (threshold {args.keep:g}); chance {mine[0]['chance']:.3f}.")
+            for g in mine:
+                lines.append(f"   k={g['k']:>5}: AP choosing {g['ap_choosing']:.3f}, held out {g['ap_held_out']:.3f} "
+                             f"(drop {g['ap_drop']:.3f}, min {g['ap_held_out_min']:.3f}); held-out own top-k "
+                             f"{g['ap_held_out_own_topk']:.3f}; overlap {g['overlap']:.2f}")
+    text = "\n".join(lines) + "\n"
+    write_text(out / "report.txt", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the summary also written to report.json."""
+    args = parse_args(argv)
+    set_threads(args.threads)
+    out = Path(args.out)
+    settings = dict(recipe="causal_validation", model=args.model, samples_per_prompt=args.samples_per_prompt,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    batch_size=args.batch_size, seed=args.seed, experts=args.experts, concepts=args.concepts)
+    run = RunFolder(out, settings)
+    lazy = LazyModel(args.model)
+    expert_set = experts_for(lazy, out, args.experts, args.concepts, args.concept, args.cache_dir)
+    names = concept_names(expert_set, args.concept)
+    model = lazy.get(expert_set)  # the generalisation test reads the model's cached responses
+
+    verdicts: dict[str, list[dict]] = {}
+    cells_generated = 0
+    if not args.no_ablation:
+        cells = grid(names, args)
+        ids = [RunFolder.cell_id(**c) for c in cells]
+        todo = [(c, i) for c, i in zip(cells, ids) if not run.done(i)]
+        cells_generated = len(todo)
+        for cell, cell_id in tqdm(todo, desc="ablation cells", unit="cell"):
+            run.write_cell(cell_id, run_cell(cell, model, expert_set, args))
+        rows = run.all_rows(ids)
+        table = ablation_table(rows, names, args)
+        write_csv(out / "ablation.csv", table)
+        verdicts = {c: [ablation_verdict(rows, table, c, ctl, args) for ctl in args.controls] for c in names}
+        plot_ablation(table, names, args, out / "ablation.png")
+
+    concept_set = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
+    general = generalisation(model, concept_set, names, args)
+    write_csv(out / "generalisation.csv", general)
+    print(write_report(names, verdicts, general, args, out))
+    summary = {"cells_generated": cells_generated, "ablation": verdicts, "generalisation": general}
+    write_text(out / "report.json", json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
