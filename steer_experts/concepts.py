@@ -131,6 +131,7 @@ class ConceptSet:
     # ------------------------------------------------------------------ access
     @property
     def names(self) -> list[str]:
+        """Concept names, in order."""
         return [c.name for c in self.concepts]
 
     def __len__(self) -> int:

@@ -107,10 +107,12 @@ class ExpertSet:
     # ------------------------------------------------------------------ basics
     @property
     def concepts(self) -> list[str]:
+        """Concept names, one per row of the expertise arrays."""
         return list(self.expertise.concepts)
 
     @property
     def n_units(self) -> int:
+        """Number of units (columns) across all layers."""
         return len(self.layer)
 
     def __repr__(self) -> str:

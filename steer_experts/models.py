@@ -166,6 +166,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """The device the model's weights are on."""
         return next(self.model.parameters()).device
 
 
@@ -256,6 +257,7 @@ class UnitSite:
 
     @property
     def pyvene_component(self) -> str:
+        """The site in pyvene's path syntax, e.g. ``model.layers[3].mlp.down_proj.input``."""
         parts = []
         for part in self.module_path.split("."):
             if part.isdigit():

@@ -55,10 +55,12 @@ class Responses:
 
     @property
     def n_units(self) -> int:
+        """Number of units (columns), all layers together."""
         return sum(s.width for s in self.sites)
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(n_sentences, n_units)."""
         return (self.n_sentences, self.n_units)
 
     def _shards(self) -> list[Path]:
@@ -129,6 +131,7 @@ class _Pooler:
         return pool
 
     def remove(self) -> None:
+        """Take the hooks off the model."""
         for h in self.handles:
             h.remove()
 
