@@ -251,19 +251,24 @@ def operating_point(rows, concept, words, args) -> dict:
 # --------------------------------------------------------------------------- figures
 
 
+def _curves(table, concept: str, args):
+    """(label, rows in k order) for each curve of one concept: experts per alpha, then each control."""
+    for condition in ["experts", *args.controls]:
+        for alpha in (args.alphas if condition == "experts" else [args.control_alpha]):
+            rows = [r for r in table if r["concept"] == concept and r["condition"] == condition
+                    and r["alpha"] == alpha]
+            yield (condition if condition != "experts" or len(args.alphas) == 1 else f"experts a={alpha:g}"), rows
+
+
 def plot_p_vs_k(table, names, args, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 5 * len(names)), 4), squeeze=False)
     for ax, concept in zip(axes[0], names):
-        for condition in ["experts", *args.controls]:
-            for alpha in (args.alphas if condition == "experts" else [args.control_alpha]):
-                rows = [r for r in table if r["concept"] == concept and r["condition"] == condition
-                        and r["alpha"] == alpha]
-                k = np.array([r["k"] for r in rows])
-                p = np.array([r["p_concept"] for r in rows])
-                err = np.array([[r["p_concept"] - r["p_concept_low"] for r in rows],
-                                [r["p_concept_high"] - r["p_concept"] for r in rows]])
-                label = condition if condition != "experts" or len(args.alphas) == 1 else f"experts a={alpha:g}"
-                ax.errorbar(k, p, yerr=err, marker="o", ms=4, capsize=3, label=label)
+        for label, rows in _curves(table, concept, args):
+            k = np.array([r["k"] for r in rows])
+            p = np.array([r["p_concept"] for r in rows])
+            err = np.array([[r["p_concept"] - r["p_concept_low"] for r in rows],
+                            [r["p_concept_high"] - r["p_concept"] for r in rows]])
+            ax.errorbar(k, p, yerr=err, marker="o", ms=4, capsize=3, label=label)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(args.ks, [str(k) for k in args.ks])
         ax.set_xlabel("k (units steered)")
@@ -280,18 +285,14 @@ def plot_p_vs_k(table, names, args, path: Path) -> None:
 def plot_tradeoff(table, names, args, ppl_key: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 5 * len(names)), 4), squeeze=False)
     for ax, concept in zip(axes[0], names):
-        for condition in ["experts", *args.controls]:
-            for alpha in (args.alphas if condition == "experts" else [args.control_alpha]):
-                rows = [r for r in table if r["concept"] == concept and r["condition"] == condition
-                        and r["alpha"] == alpha]
-                x = [r[ppl_key] for r in rows]
-                y = [r["p_concept"] for r in rows]
-                label = condition if condition != "experts" or len(args.alphas) == 1 else f"experts a={alpha:g}"
-                ax.plot(x, y, marker="o", ms=4, label=label)
-                if condition == "experts":
-                    for r in rows:
-                        ax.annotate(f"k={r['k']}", (r[ppl_key], r["p_concept"]), fontsize=7,
-                                    xytext=(3, 3), textcoords="offset points")
+        for label, rows in _curves(table, concept, args):
+            x = [r[ppl_key] for r in rows]
+            y = [r["p_concept"] for r in rows]
+            ax.plot(x, y, marker="o", ms=4, label=label)
+            if label.startswith("experts"):
+                for r in rows:
+                    ax.annotate(f"k={r['k']}", (r[ppl_key], r["p_concept"]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())  # "3 x 10^1" labels overlap on short ranges

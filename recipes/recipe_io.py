@@ -302,9 +302,6 @@ class SteeredScorer(torch.nn.Module):
         self.config = self.base.config
 
     def forward(self, input_ids, attention_mask):
-        if len(self.steered.plan) == 0:
-            # k = 0: pyvene returns no counterfactual output when it holds no intervention.
-            return self.base(input_ids=input_ids, attention_mask=attention_mask)
         return self.steered(input_ids=input_ids, attention_mask=attention_mask)
 
 

@@ -41,8 +41,6 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 4
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
     from .experts import ExpertSet
     from .models import load_model
     from .steering import steer
@@ -55,14 +53,8 @@ def _generate(args: argparse.Namespace) -> None:
     steered = steer(model, experts, args.concept, alpha=args.alpha, mode=args.mode, **selection)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                     top_k=args.top_k, seed=args.seed)
-    enc = model.tokenizer(args.prompt, return_tensors="pt").to(model.device)
-    with torch.random.fork_rng():
-        torch.manual_seed(args.seed)
-        gen = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature,
-                                                         "top_k": args.top_k}
-        plain_ids = model.model.generate(**enc, max_new_tokens=args.max_new_tokens,
-                                         pad_token_id=model.tokenizer.pad_token_id, **gen)
-    plain = model.tokenizer.decode(plain_ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    # The unsteered side is the same path with no expert touched, so both sample alike.
+    plain = steer(model, experts, args.concept, k=0).complete([args.prompt], **sampling)[0]
     steered_text = steered.complete([args.prompt], **sampling)[0]
     print(f"prompt: {args.prompt}\n{steered!r}\n")
     print(_side_by_side(plain, steered_text, ("unsteered", f"steered toward {args.concept}")))
