@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="smollm2-135m", help="an instruct model with a chat template")
     p.add_argument("--n-positives", type=int, default=100)
     p.add_argument("--styles", default=",".join(PROMPTS), help=f"comma-separated, from {list(PROMPTS)}")
-    p.add_argument("--batch-size", type=int, default=24, help="prompts per round (one word per round)")
+    p.add_argument("--batch-size", type=int, default=48, help="prompts per round (one word per round)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-words", type=int, default=40, help="longest sentence kept, in words")
     p.add_argument("--max-rounds", type=int, default=30, help="rounds per word before giving up")

@@ -76,7 +76,7 @@ class WritingSettings:
 
     n_positives: int = 100
     styles: tuple[str, ...] = ("facts", "stories")
-    batch_size: int = 24
+    batch_size: int = 48
     max_new_tokens: int = 64
     temperature: float = 0.9
     top_p: float = 0.95
