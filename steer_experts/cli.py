@@ -110,9 +110,18 @@ def _audit(args: argparse.Namespace) -> None:
             print(f"    L{unit['layer']}/{unit['neuron']}  AP {unit['ap_a']:.3f} / {unit['ap_b']:.3f}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steer-experts`` and all its subcommands."""
     parser = argparse.ArgumentParser(prog="steer-experts", description=__doc__)
+    parser.add_argument("--threads", type=_positive_int,
+                        help="torch CPU threads (default: torch's; 1 is fastest on a busy shared machine)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("discover", help="find the expert neurons of concepts and save them as an ExpertSet")
@@ -175,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``steer-experts``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.run(args)
     except (ValueError, KeyError, LookupError, FileNotFoundError, ConnectionError, NotImplementedError) as err:

@@ -60,3 +60,20 @@ def test_bad_concepts_fail_before_anything_is_written(tmp_path, capsys):
 def test_push_needs_a_saved_folder(tmp_path, capsys):
     assert main(["push", "--experts", str(tmp_path), "--repo", "user/name"]) == 2
     assert "neither a saved expert set nor a steered model" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_threads_option_sets_torch_threads_and_rejects_zero(example_dir, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["--threads", "1", "search", "--experts", str(example_dir), "music", "--k", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--threads", "0", "search", "--experts", str(example_dir), "music"])
+    assert exit_info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
