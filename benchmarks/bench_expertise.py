@@ -24,27 +24,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer_experts.expertise import compute_expertise
-
-
-@dataclass
-class Concepts:
-    """Minimal concept set: names and row indices."""
-
-    names: list[str]
-    positives: list[np.ndarray]
-    negatives: list[np.ndarray]
-
-    def positive_indices(self, i: int) -> np.ndarray:
-        return self.positives[i]
-
-    def negative_indices(self, i: int) -> np.ndarray:
-        return self.negatives[i]
+from steer_experts.expertise import ConceptRows, compute_expertise
 
 
 class HalfPrecisionResponses:
@@ -79,8 +63,8 @@ def concept_sets(n_sentences: int, n_concepts: int, n_listed: int, rng: np.rando
     others = [np.setdiff1d(everyone, p) for p in positives]
     listed = [np.sort(rng.choice(o, size=min(n_listed, len(o)), replace=False)) for o in others]
     return {
-        "rest": Concepts(names, positives, others),
-        "listed": Concepts(names, positives, listed),
+        "rest": ConceptRows(names, positives, others),
+        "listed": ConceptRows(names, positives, listed),
     }
 
 

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from prompts import concept_word, inviting_prompts  # noqa: E402
 from recipe_io import (  # noqa: E402
     ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, difference_row, distinct_forms, experts_for, mean_row,
-    next_word_probability, parse_numbers, rate_row, rows_of, set_threads, write_csv, write_text,
+    next_word_probability, parse_numbers, rate_row, rows_of, save_report, set_threads, write_csv, write_text,
 )
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.evaluation import concept_presence, concept_words  # noqa: E402
@@ -299,9 +299,7 @@ def write_report(names, verdicts, general, args, out: Path) -> str:
                 lines.append(f"   k={g['k']:>5}: AP choosing {g['ap_choosing']:.3f}, held out {g['ap_held_out']:.3f} "
                              f"(drop {g['ap_drop']:.3f}, min {g['ap_held_out_min']:.3f}); held-out own top-k "
                              f"{g['ap_held_out_own_topk']:.3f}; overlap {g['overlap']:.2f}")
-    text = "\n".join(lines) + "\n"
-    write_text(out / "report.txt", text)
-    return text
+    return save_report(out, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

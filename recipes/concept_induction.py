@@ -52,7 +52,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from prompts import NEUTRAL_PROMPTS, concept_word  # noqa: E402
 from recipe_io import (  # noqa: E402
     ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, cross_scorer, experts_for, mean_row, parse_numbers,
-    rate_row, set_threads, write_csv, write_text,
+    rate_row, save_report, set_threads, write_csv, write_text,
 )
 from steer_experts.evaluation import concept_presence, concept_words, distinct_n, perplexity, self_bleu  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
@@ -345,9 +345,7 @@ def write_report(table, names, points, separations, ppl_key, args, out: Path) ->
                          f"{point['p_concept_base_report']:.2f}, {ppl_key} = {point[ppl_key + '_base_report']:.1f}).")
         else:
             lines.append(f"operating point: none ({point['why']}).")
-    text = "\n".join(lines) + "\n"
-    write_text(out / "report.txt", text)
-    return text
+    return save_report(out, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from prompts import OCCUPATION_TEMPLATE, OCCUPATIONS, concept_word, occupation_contexts  # noqa: E402
 from recipe_io import (  # noqa: E402
     ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, cross_scorer, experts_for, next_word_probability,
-    parse_numbers, set_threads, write_csv, write_text,
+    parse_numbers, save_report, set_threads, write_csv, write_text,
 )
 from steer_experts.evaluation import concept_presence, perplexity  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
@@ -275,9 +275,7 @@ def write_report(parity: dict[str, list[dict]], args, out: Path) -> str:
                              f"ppl_cross {r['ppl_cross_at_parity']:.1f}")
                 lines.append(f"   {r['occupation']:>20}: delta(k=0) = {r['delta_k0']:+.3f}, "
                              f"delta(k={args.ks[-1]}) = {r['delta_kmax']:+.3f}; {where}")
-    text = "\n".join(lines) + "\n"
-    write_text(out / "report.txt", text)
-    return text
+    return save_report(out, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,7 +29,7 @@ from steer_experts.atomic import atomic_write
 from steer_experts.concepts import Concept, ConceptSet
 from steer_experts.evaluation import bootstrap_interval
 from steer_experts.experts import ExpertSet, discover
-from steer_experts.expertise import Expertise, compute_expertise
+from steer_experts.expertise import ConceptRows, Expertise, compute_expertise
 from steer_experts.models import LoadedModel, load_model
 from steer_experts.responses import collect_responses
 from steer_experts.steering import SteeredModel
@@ -107,6 +107,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: Path(p).write_text(text))
 
 
+def save_report(out: str | Path, lines: Sequence[str]) -> str:
+    """Write ``lines`` as the run's ``report.txt`` (atomically); returns the text."""
+    text = "\n".join(lines) + "\n"
+    write_text(Path(out) / "report.txt", text)
+    return text
+
+
 def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
     """Write ``rows`` (dicts) as CSV atomically: columns are every key in first-seen order, a key
     missing from a row is left empty; floats keep 6 significant digits."""
@@ -159,24 +166,10 @@ def discover_each(model: LoadedModel, concepts: ConceptSet, cache_dir: str | Non
                               for name in concepts.names])
 
 
-class IndexedConcepts:
-    """Concepts given as row indices into one response matrix (what ``compute_expertise`` reads)."""
-
-    def __init__(self, names: Sequence[str], positives: Sequence[np.ndarray], negatives: Sequence[np.ndarray]):
-        self.names = list(names)
-        self._pos, self._neg = list(positives), list(negatives)
-
-    def positive_indices(self, i: int) -> np.ndarray:
-        return self._pos[i]
-
-    def negative_indices(self, i: int) -> np.ndarray:
-        return self._neg[i]
-
-
-def rows_of(concepts: Sequence[Concept], sentences: Sequence[str]) -> IndexedConcepts:
+def rows_of(concepts: Sequence[Concept], sentences: Sequence[str]) -> ConceptRows:
     """``concepts`` (with negatives) as row indices into ``sentences``, which must hold all their sentences."""
     row = {s: i for i, s in enumerate(sentences)}
-    return IndexedConcepts([c.name for c in concepts],
+    return ConceptRows([c.name for c in concepts],
                            [np.array([row[s] for s in c.positives], dtype=np.int64) for c in concepts],
                            [np.array([row[s] for s in c.negatives], dtype=np.int64) for c in concepts])
 

@@ -33,7 +33,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from steer_experts.atomic import atomic_write  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
-from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.expertise import ConceptRows, compute_expertise  # noqa: E402
 from steer_experts.experts import ExpertSet, discover  # noqa: E402
 from steer_experts.models import load_model  # noqa: E402
 from steer_experts.responses import collect_responses  # noqa: E402
@@ -45,22 +45,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEN = DATA / "human" / "men" / "MEN_dataset_natural_form_full"
 
 
-class RowView:
-    """Concepts as rows of one response matrix: what ``compute_expertise`` needs."""
-
-    def __init__(self, names: list[str], positives: list[np.ndarray], negatives: list[np.ndarray]):
-        self.names, self._pos, self._neg = names, positives, negatives
-
-    def positive_indices(self, i: int) -> np.ndarray:
-        """Rows of concept ``i``'s positives."""
-        return self._pos[i]
-
-    def negative_indices(self, i: int) -> np.ndarray:
-        """Rows of concept ``i``'s negatives."""
-        return self._neg[i]
-
-
-def view_of(groups: dict[str, list[str]], row_of: dict[str, int], n_negatives: int, seed: int) -> RowView:
+def view_of(groups: dict[str, list[str]], row_of: dict[str, int], n_negatives: int, seed: int) -> ConceptRows:
     """Each concept's positives are its group; its negatives up to ``n_negatives`` of the other groups' (seeded)."""
     names = [n for n, g in groups.items() if g]
     rng = np.random.default_rng(seed)
@@ -73,7 +58,7 @@ def view_of(groups: dict[str, list[str]], row_of: dict[str, int], n_negatives: i
             others = np.sort(rng.choice(others, size=n_negatives, replace=False))
         positives.append(own)
         negatives.append(others)
-    return RowView(names, positives, negatives)
+    return ConceptRows(names, positives, negatives)
 
 
 def similarities(ap: np.ndarray, names: list[str], multiple: float, rate: float) -> dict[str, SimilarityMatrix]:

@@ -63,6 +63,24 @@ class ConceptSet(Protocol):
 
 
 @dataclass
+class ConceptRows:
+    """Concepts given directly as row indices into one response matrix: names, and per concept
+    the rows of its positives and of its negatives (int arrays)."""
+
+    names: list[str]
+    positives: list[np.ndarray]
+    negatives: list[np.ndarray]
+
+    def positive_indices(self, i: int) -> np.ndarray:
+        """Rows of concept ``i``'s positives."""
+        return np.asarray(self.positives[i])
+
+    def negative_indices(self, i: int) -> np.ndarray:
+        """Rows of concept ``i``'s negatives."""
+        return np.asarray(self.negatives[i])
+
+
+@dataclass
 class Expertise:
     """Per-concept, per-unit expertise scores and response statistics.
 

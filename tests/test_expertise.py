@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from steer_experts import expertise
-from steer_experts.expertise import Expertise, compute_expertise
-
-
-@dataclass
-class Concepts:
-    """Minimal concept set: names and row indices per concept."""
-
-    names: list[str]
-    positives: list[np.ndarray]
-    negatives: list[np.ndarray]
-
-    def positive_indices(self, i: int) -> np.ndarray:
-        return np.asarray(self.positives[i])
-
-    def negative_indices(self, i: int) -> np.ndarray:
-        return np.asarray(self.negatives[i])
+from steer_experts.expertise import ConceptRows, Expertise, compute_expertise
 
 
 class ColumnStream:
@@ -68,7 +52,7 @@ def mixed_concepts(rng: np.random.Generator, n: int) -> Concepts:
     pos_d = np.array([70])
     pos_e = np.arange(50, 70)
     pos_f = shuffled[40:43]
-    return Concepts(
+    return ConceptRows(
         names=[
             "a_rest",
             "b_rest_overlap",
@@ -151,7 +135,7 @@ def test_percentiles_match_numpy_bit_for_bit_on_continuous_data():
     sizes = [*range(1, 26), 122, 140, 250]
     positives = [rng.choice(n, size=k, replace=False) for k in sizes]
     negatives = [np.setdiff1d(np.arange(n), p)[: 40 if i % 2 else None] for i, p in enumerate(positives)]
-    got = compute_expertise(x, Concepts([f"size{k}" for k in sizes], positives, negatives), progress=False)
+    got = compute_expertise(x, ConceptRows([f"size{k}" for k in sizes], positives, negatives), progress=False)
     for c, pos in enumerate(positives):
         np.testing.assert_array_equal(got.on_p50[c], np.median(x[pos], axis=0))
         np.testing.assert_array_equal(got.on_p90[c], np.percentile(x[pos], 90, axis=0))
@@ -164,7 +148,7 @@ def test_single_concept_with_constant_units_equals_sklearn(monkeypatch):
     n = 30
     x = np.repeat(rng.integers(0, 2, size=(n, 1)), 6, axis=1).astype(np.float32)
     x[:, 2:4] = 1.0
-    concepts = Concepts(["only"], [np.arange(0, 12)], [np.arange(12, n)])
+    concepts = ConceptRows(["only"], [np.arange(0, 12)], [np.arange(12, n)])
     ref = sklearn_reference(x, concepts)
     got = compute_expertise(x, concepts, progress=False)
     np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
@@ -180,7 +164,7 @@ def test_relu_like_float16_responses_many_units_equal_sklearn(monkeypatch):
     x[:, ::5] += rng.integers(0, 2, size=(n, 1))  # shared shift: informative units
     parts = np.array_split(rng.permutation(n), 4)
     listed = [np.setdiff1d(np.arange(n), p)[::3] for p in parts]
-    concepts = Concepts(
+    concepts = ConceptRows(
         names=[f"rest{i}" for i in range(4)] + [f"listed{i}" for i in range(4)],
         positives=parts + parts,
         negatives=[np.setdiff1d(np.arange(n), p) for p in parts] + listed,
@@ -217,10 +201,10 @@ def test_stream_and_block_size_give_identical_results(tied_case, monkeypatch):
 def test_zero_positives_or_negatives_is_an_error_naming_the_concept():
     x = np.zeros((10, 3), np.float32)
     empty = np.array([], np.int64)
-    no_pos = Concepts(["fine", "empty_pos"], [np.array([0]), empty], [np.array([1]), np.array([2])])
+    no_pos = ConceptRows(["fine", "empty_pos"], [np.array([0]), empty], [np.array([1]), np.array([2])])
     with pytest.raises(ValueError, match="empty_pos.*no positive"):
         compute_expertise(x, no_pos, progress=False)
-    no_neg = Concepts(["empty_neg"], [np.array([0])], [empty])
+    no_neg = ConceptRows(["empty_neg"], [np.array([0])], [empty])
     with pytest.raises(ValueError, match="empty_neg.*no negative"):
         compute_expertise(x, no_neg, progress=False)
 
@@ -228,13 +212,13 @@ def test_zero_positives_or_negatives_is_an_error_naming_the_concept():
 def test_nan_responses_are_an_error():
     x = np.zeros((10, 6), np.float32)
     x[3, 4] = np.nan
-    concepts = Concepts(["c"], [np.array([0, 1])], [np.array([2, 3, 4])])
+    concepts = ConceptRows(["c"], [np.array([0, 1])], [np.array([2, 3, 4])])
     with pytest.raises(ValueError, match="NaN.*unit 4"):
         compute_expertise(x, concepts, block_units=2, progress=False)
 
 
 def test_responses_that_are_not_2d_are_an_error():
-    concepts = Concepts(["c"], [np.array([0])], [np.array([1])])
+    concepts = ConceptRows(["c"], [np.array([0])], [np.array([1])])
     with pytest.raises(ValueError, match="2-D"):
         compute_expertise(np.zeros(10, np.float32), concepts, progress=False)
 
@@ -250,14 +234,14 @@ def test_responses_that_are_not_2d_are_an_error():
 )
 def test_bad_indices_are_errors(positives, negatives, message):
     x = np.zeros((10, 2), np.float32)
-    concepts = Concepts(["c"], [np.array(positives)], [np.array(negatives)])
+    concepts = ConceptRows(["c"], [np.array(positives)], [np.array(negatives)])
     with pytest.raises(ValueError, match=message):
         compute_expertise(x, concepts, progress=False)
 
 
 def test_repeated_concept_names_are_an_error():
     x = np.zeros((4, 2), np.float32)
-    concepts = Concepts(["c", "c"], [np.array([0])] * 2, [np.array([1])] * 2)
+    concepts = ConceptRows(["c", "c"], [np.array([0])] * 2, [np.array([1])] * 2)
     with pytest.raises(ValueError, match="unique"):
         compute_expertise(x, concepts, progress=False)
 
