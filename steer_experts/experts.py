@@ -32,6 +32,11 @@ WEIGHTS_NAME = "expert_set.safetensors"
 CONFIG_NAME = "expert_set.json"
 
 
+def operating_point_key(concept: str, max_perplexity_ratio: float) -> str:
+    """Where an operating point is kept in ``ExpertSet.metadata["operating_points"]``."""
+    return f"{concept} ppl<={float(max_perplexity_ratio):g}"
+
+
 class ModelMismatchError(ValueError):
     """Raised when experts are used with a model other than the one they were found on."""
 
@@ -147,7 +152,8 @@ class ExpertSet:
         )
 
     def select(self, concept: str, k: int | None = None, tau: float | None = None, per_layer: int | None = None,
-               control: str | None = None, seed: int = 0) -> ExpertSelection:
+               control: str | None = None, seed: int = 0, layers: Sequence[int] | None = None,
+               scores: np.ndarray | None = None) -> ExpertSelection:
         """Choose units of ``concept``.
 
         Exactly one of:
@@ -156,6 +162,9 @@ class ExpertSet:
             per_layer: the ``per_layer`` units of highest AP in each layer.
         ``control`` replaces the experts by a baseline of the same size ``k``:
         ``"random"`` (k units drawn with ``seed``) or ``"lowest"`` (k lowest-AP units).
+        ``layers`` (None: all) limits the candidates, experts and controls alike, to those layers.
+        ``scores`` (one number per unit) ranks the experts for ``k`` and ``per_layer`` instead of
+        AP (e.g. :func:`steer_experts.diffmean.aligned_scores`); ``tau`` always thresholds AP.
 
         Returns:
             An :class:`ExpertSelection`, highest AP first (random controls in draw order).
@@ -166,32 +175,52 @@ class ExpertSet:
             raise ValueError(f"Give exactly one of k, tau or per_layer; got {given or 'none'}.")
         if control is not None and k is None:
             raise ValueError("Controls are defined for a count: pass k with control=.")
+        candidates = np.arange(self.n_units)
+        if layers is not None:
+            unknown = sorted(set(layers) - set(self._layer_offset))
+            if unknown:
+                raise ValueError(f"layers {unknown} do not exist; this expert set has layers "
+                                 f"{min(self._layer_offset)}..{max(self._layer_offset)}.")
+            candidates = candidates[np.isin(self.layer, list(layers))]
         ap = self.expertise.ap[c]
+        if scores is not None:
+            scores = np.asarray(scores, dtype=np.float64)
+            if scores.shape != ap.shape or not np.isfinite(scores).all():
+                raise ValueError(f"scores must be {ap.shape[0]} finite numbers, one per unit; got shape {scores.shape}.")
+        rank = ap if scores is None or tau is not None else scores
+        order = candidates[np.argsort(-rank[candidates], kind="stable")]
         if k is not None:
-            if not isinstance(k, (int, np.integer)) or k < 0 or k > self.n_units:
-                raise ValueError(f"k must be an integer in [0, {self.n_units}] (the units available); got {k!r}.")
+            if not isinstance(k, (int, np.integer)) or k < 0 or k > len(candidates):
+                raise ValueError(f"k must be an integer in [0, {len(candidates)}] (the units available); got {k!r}.")
             if control == "random":
-                units = np.random.default_rng(seed).choice(self.n_units, size=k, replace=False)
+                units = np.random.default_rng(seed).choice(candidates, size=k, replace=False)
                 return self._selection(c, units.astype(np.int64), f"random k={k} seed={seed}")
             if control == "lowest":
-                return self._selection(c, np.argsort(ap, kind="stable")[:k], f"lowest k={k}")
+                return self._selection(c, candidates[np.argsort(ap[candidates], kind="stable")[:k]], f"lowest k={k}")
             if control is not None:
                 raise ValueError(f"Unknown control {control!r}; use 'random' or 'lowest'.")
-            return self._selection(c, np.argsort(-ap, kind="stable")[:k], f"top k={k}")
+            return self._selection(c, order[:k], f"top k={k}")
         if tau is not None:
             if not 0 <= tau < 1 or np.isnan(tau):
                 raise ValueError(f"tau must be in [0, 1); got {tau!r}.")
-            order = np.argsort(-ap, kind="stable")
             return self._selection(c, order[ap[order] > tau], f"ap > {tau}")
         if not isinstance(per_layer, (int, np.integer)) or per_layer < 1:
             raise ValueError(f"per_layer must be a positive integer; got {per_layer!r}.")
-        chosen = []
-        for site in self.sites:
-            offset = self._layer_offset[site.layer]
-            layer_ap = ap[offset:offset + site.width]
-            chosen.append(offset + np.argsort(-layer_ap, kind="stable")[:min(per_layer, site.width)])
-        units = np.concatenate(chosen)
-        return self._selection(c, units[np.argsort(-ap[units], kind="stable")], f"top {per_layer} per layer")
+        in_layer = self.layer[order]
+        chosen = np.concatenate([order[in_layer == layer][:per_layer] for layer in np.unique(in_layer)])
+        return self._selection(c, chosen[np.argsort(-rank[chosen], kind="stable")], f"top {per_layer} per layer")
+
+    def operating_point(self, concept: str, max_perplexity_ratio: float = 2.0) -> dict:
+        """The (k, alpha) operating point stored for ``concept`` by
+        :func:`steer_experts.calibration.calibrate` for that perplexity budget, as a dict with
+        ``k``, ``alpha``, ``concept_score``, ``ppl_ratio`` and the cells tried. Raises KeyError if none."""
+        name = self.concepts[self.concept_index(concept)]
+        stored = self.metadata.get("operating_points", {}).get(operating_point_key(name, max_perplexity_ratio))
+        if stored is None:
+            raise KeyError(f"No operating point for {name!r} within {max_perplexity_ratio:g}x perplexity in this "
+                           "expert set; run steer_experts.calibration.calibrate (or `steer-experts generate --auto "
+                           "--concepts FILE`) first.")
+        return stored
 
     # ------------------------------------------------------------------ queries
     def experts_of(self, concept: str, k: int = 10) -> list[dict]:

@@ -82,9 +82,12 @@ def render_model_card(config: dict, repo_id: str | None = None) -> str:
     """
     from .models import EMBEDDED_MODELS
 
-    spec, base = config["spec"], config["base_model"]
+    base = config["base_model"]
     embedded = EMBEDDED_MODELS.get(base["name"])
     hub_base = embedded.hub_id if embedded else (base["name"] if base["name"].count("/") == 1 else None)
+    if config.get("method", "experts") != "experts":
+        return _baseline_card(config, hub_base, repo_id)
+    spec = config["spec"]
     selection = next(f"{key} = {spec[key]}" for key in ("k", "tau", "per_layer") if spec[key] is not None)
     if spec.get("control"):
         selection += f" ({spec['control']} control units, seed {spec['seed']}, instead of experts)"
@@ -128,7 +131,29 @@ def render_model_card(config: dict, repo_id: str | None = None) -> str:
                 f"{row['target_min']:.3g} .. {row['target_max']:.3g} |")
         else:
             lines.append(f"| {row['concept']} | {strength:+g} | 0 | | | | | |")
-    lines += [
+    lines += _loading_section(base, repo_id)
+    return "\n".join(lines)
+
+
+def _baseline_card(config: dict, hub_base: str | None, repo_id: str | None) -> str:
+    base = config["base_model"]
+    what = {"diffmean": f"DiffMean: the unit direction mean(positives) - mean(negatives) of the residual stream "
+                        f"at layer {config.get('layer')}, added at every position with factor "
+                        f"{config.get('factor', 0):g} x the layer's median token norm ({config.get('norm', 0):.4g}).",
+            "prompt": f"an instruction in the chat template: {config.get('instruction')!r}."}.get(config["method"], "")
+    lines = [
+        "---", "library_name: steer_experts", *([f"base_model: {hub_base}"] if hub_base else []),
+        f"tags: [steering, {config['method']}]", "---", "",
+        f"# {base['name']} steered toward {config.get('concept')} ({config['method']})", "",
+        f"This folder holds no model weights. It steers the base model below with {what}", "",
+        f"- **Base model:** `{base['name']}`, fingerprint `{base['fingerprint']}` "
+        "(loading onto any other model is refused)",
+    ]
+    return "\n".join(lines + _loading_section(base, repo_id))
+
+
+def _loading_section(base: dict, repo_id: str | None) -> list[str]:
+    return [
         "",
         "## Load it",
         "",
@@ -147,4 +172,3 @@ def render_model_card(config: dict, repo_id: str | None = None) -> str:
         "`config.json` + `intkey_*.bin` (pyvene's format).",
         "",
     ]
-    return "\n".join(lines)

@@ -1,19 +1,25 @@
-"""Stage 6: expert interventions as pyvene interventions.
+"""Stage 6: steering interventions as pyvene interventions.
 
 One :class:`ExpertIntervention` sits on one layer's units (the *input* of the
 MLP down projection, i.e. the true neuron, never act(gate) alone) and moves
 every unit u toward a target::
 
-    z_u <- z_u + w_u * (v_u - z_u)        (torch.lerp; w_u = 0 leaves z_u as is)
+    t_u = v_u                 (bound b_u = 0: set)
+    t_u = max(z_u, v_u)       (b_u = +1: clamp up, never lowers the unit)
+    t_u = min(z_u, v_u)       (b_u = -1: clamp down, never raises it)
+    z_u <- z_u + w_u * (t_u - z_u)        (torch.lerp; w_u = 0 leaves z_u as is)
 
-Every steering mode is this one formula with different (w, v): setting an expert
-to its expected value is w = alpha, v = on_p50; AurA dampening (z <- f z) is
-w = 1 - f, v = 0; ablation is v = 0 or v = off_mean.
+Every steering mode is this one formula with different (w, v, b): setting an
+expert to its expected value is w = alpha, v = on_p50; AurA dampening (z <- f z)
+is w = 1 - f, v = 0; ablation is v = 0 or v = off_mean; clamping is b = +-1.
 
-The whole state is pyvene's ``source_representation``, a float32 tensor of
-shape (2, width): row 0 holds w, row 1 holds v. pyvene's ``IntervenableModel.load``
-rebuilds interventions from config fields and restores only that tensor, so this
-design round-trips through pyvene's own ``save``/``load``.
+:class:`AdditionIntervention` adds one fixed vector at every position of a
+module's output (the residual stream, for DiffMean).
+
+The whole state of each is pyvene's ``source_representation`` (float32; shape
+(3, width) for experts -- rows w, v, b; (width,) for the added vector).
+pyvene's ``IntervenableModel.load`` rebuilds interventions from config fields and
+restores only that tensor, so both round-trip through pyvene's own ``save``/``load``.
 
 pyvene has side effects on the model it wraps; :func:`build_intervenable` and
 :func:`pyvene_call` undo them (gradients flags, train mode, forward hooks).
@@ -35,7 +41,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
 
 from .models import UnitSite
 
-WEIGHT_ROW, TARGET_ROW = 0, 1
+WEIGHT_ROW, TARGET_ROW, BOUND_ROW = 0, 1, 2
 
 
 class _DimensionTable(ChainMap):
@@ -60,25 +66,28 @@ class ExpertIntervention(ConstantSourceIntervention, LocalistRepresentationInter
     """Move each unit of one layer toward a target: ``z <- lerp(z, target, weight)``.
 
     Build it with :meth:`from_units`. Its state is ``source_representation``,
-    float32 of shape (2, width): row 0 the per-unit weight (0 = untouched, 1 =
-    set exactly to the target, > 1 overshoots), row 1 the per-unit target in
-    activation units. It acts on every position pyvene hands it.
+    float32 of shape (3, width): row 0 the per-unit weight (0 = untouched, 1 =
+    move exactly to the target, > 1 overshoots), row 1 the per-unit value in
+    activation units, row 2 the bound (0 set, +1 clamp up, -1 clamp down). It acts
+    on every position pyvene hands it.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         state = getattr(self, "source_representation", None)
-        if state is not None and (state.dim() != 2 or state.shape[0] != 2):
-            raise ValueError(f"ExpertIntervention state must have shape (2, width); got {tuple(state.shape)}.")
+        if state is not None and (state.dim() != 2 or state.shape[0] != 3):
+            raise ValueError(f"ExpertIntervention state must have shape (3, width); got {tuple(state.shape)}.")
 
     @classmethod
-    def from_units(cls, width: int, neurons, weights, targets) -> "ExpertIntervention":
+    def from_units(cls, width: int, neurons, weights, targets, bounds=0) -> "ExpertIntervention":
         """An intervention on a layer ``width`` units wide that moves ``neurons`` (indices) toward
-        ``targets`` (activation units) with ``weights`` (0 = untouched, 1 = set); other units untouched."""
+        ``targets`` (activation units) with ``weights`` (0 = untouched, 1 = all the way); ``bounds``
+        0 sets, +1 clamps up (max), -1 clamps down (min). Other units are untouched."""
         neurons = torch.as_tensor(neurons, dtype=torch.long)
-        state = torch.zeros(2, width, dtype=torch.float32)
+        state = torch.zeros(3, width, dtype=torch.float32)
         state[WEIGHT_ROW, neurons] = torch.as_tensor(weights, dtype=torch.float32)
         state[TARGET_ROW, neurons] = torch.as_tensor(targets, dtype=torch.float32)
+        state[BOUND_ROW, neurons] = torch.as_tensor(bounds, dtype=torch.float32)
         return cls(source_representation=state)
 
     @property
@@ -91,6 +100,11 @@ class ExpertIntervention(ConstantSourceIntervention, LocalistRepresentationInter
         """Per-unit target value, shape (width,), activation units."""
         return self.source_representation[TARGET_ROW]
 
+    @property
+    def bound(self) -> torch.Tensor:
+        """Per-unit bound, shape (width,): 0 set, +1 clamp up, -1 clamp down."""
+        return self.source_representation[BOUND_ROW]
+
     def forward(self, base, source=None, subspaces=None, **kwargs):
         state = self.source_representation
         if state is None:
@@ -98,14 +112,42 @@ class ExpertIntervention(ConstantSourceIntervention, LocalistRepresentationInter
         # .to is a no-op when device and dtype already match; after pyvene's load the
         # state may be a plain attribute that model.to(...) did not move.
         state = state.to(base.device, base.dtype)
+        target, bound = state[TARGET_ROW], state[BOUND_ROW]
+        if bool(bound.any()):
+            target = torch.where(bound > 0, torch.maximum(base, target),
+                                 torch.where(bound < 0, torch.minimum(base, target), target))
         # lerp is exact at both ends: weight 0 returns z, weight 1 returns the target.
-        return torch.lerp(base, state[TARGET_ROW], state[WEIGHT_ROW])
+        return torch.lerp(base, target, state[WEIGHT_ROW])
 
     def __str__(self):
         return f"ExpertIntervention({int((self.weight != 0).sum())} of {self.weight.numel()} units)"
 
 
-def build_intervenable(model: torch.nn.Module, interventions: Mapping[UnitSite, ExpertIntervention]
+class AdditionIntervention(ConstantSourceIntervention, LocalistRepresentationIntervention):
+    """Add one fixed vector at every position: ``h <- h + s`` (DiffMean steering).
+
+    Its state is ``source_representation``, float32 of shape (width,): the vector
+    added, in the units of the hooked activation (for a residual stream, factor x
+    typical norm x unit direction).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        state = getattr(self, "source_representation", None)
+        if state is not None and state.dim() != 1:
+            raise ValueError(f"AdditionIntervention state must have shape (width,); got {tuple(state.shape)}.")
+
+    def forward(self, base, source=None, subspaces=None, **kwargs):
+        state = self.source_representation
+        if state is None:
+            raise RuntimeError("AdditionIntervention has no state: it was built without source_representation.")
+        return base + state.to(base.device, base.dtype)
+
+    def __str__(self):
+        return f"AdditionIntervention(|s| = {float(self.source_representation.norm()):.3g})"
+
+
+def build_intervenable(model: torch.nn.Module, interventions: Mapping[UnitSite, torch.nn.Module]
                        ) -> "pyvene.IntervenableModel":
     """Wrap ``model`` in a pyvene ``IntervenableModel`` with one intervention per site (on its input).
 

@@ -245,7 +245,8 @@ def load_model(
 
 @dataclass(frozen=True)
 class UnitSite:
-    """One layer's units: the input of ``module_path``, ``width`` units wide.
+    """One layer's units: the input (or, with ``port="output"``, the output) of ``module_path``,
+    ``width`` units wide.
 
     ``module_path`` is a dotted path for ``model.get_submodule``;
     :attr:`pyvene_component` is the same place in pyvene's path syntax.
@@ -254,6 +255,7 @@ class UnitSite:
     layer: int
     module_path: str
     width: int
+    port: str = "input"
 
     @property
     def pyvene_component(self) -> str:
@@ -264,7 +266,7 @@ class UnitSite:
                 parts[-1] += f"[{part}]"
             else:
                 parts.append(part)
-        return ".".join(parts) + ".input"
+        return ".".join(parts) + "." + self.port
 
 
 class UnsupportedArchitectureError(NotImplementedError):
@@ -308,6 +310,15 @@ def locate_mlp_neurons(model: PreTrainedModel) -> list[UnitSite]:
         module = layer.get_submodule(inner)
         sites.append(UnitSite(i, f"{layers_path}.{i}.{inner}", _input_width(module)))
     return sites
+
+
+def locate_residual_stream(model: PreTrainedModel) -> list[UnitSite]:
+    """Return one :class:`UnitSite` per layer: the output of the decoder block (the residual stream)."""
+    locate_mlp_neurons(model)  # the same architectures, and the same error for the others
+    layers_path = MLP_DOWN_PROJ[model.config.model_type][0]
+    width = model.config.get_text_config().hidden_size
+    return [UnitSite(i, f"{layers_path}.{i}", width, port="output")
+            for i in range(len(model.get_submodule(layers_path)))]
 
 
 UNIT_KINDS: dict[str, Callable[[PreTrainedModel], list[UnitSite]]] = {"mlp": locate_mlp_neurons}

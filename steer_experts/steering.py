@@ -1,10 +1,15 @@
 """Stage 7: steering generation with experts.
 
-:func:`steer` turns (model, expert set, concepts, k or tau, alpha, mode) into a
-:class:`SteeredModel`: a pyvene ``IntervenableModel`` with one
-:class:`~steer_experts.interventions.ExpertIntervention` per layer that holds
-experts, plus ``generate``/``complete``, a steered forward, and
-``save_pretrained``/``from_pretrained``/``push_to_hub``.
+:class:`SteeredModel` is what every steering method returns: a pyvene
+``IntervenableModel`` over the base model plus ``generate``/``complete``, a
+steered forward, and ``save_pretrained``/``from_pretrained``/``push_to_hub``.
+Each method is a subclass named by :attr:`SteeredModel.method` in the saved
+``steering.json``: experts here (:func:`steer`), DiffMean in
+:mod:`steer_experts.diffmean`, an instruction in :mod:`steer_experts.prompting`.
+
+:func:`steer` turns (model, expert set, concepts, k or tau, alpha, mode) into an
+:class:`ExpertSteeredModel` with one
+:class:`~steer_experts.interventions.ExpertIntervention` per layer that holds experts.
 
 Every mode moves unit z toward a target v with a per-unit weight w,
 ``z <- z + w (v - z)``:
@@ -17,11 +22,17 @@ Every mode moves unit z toward a target v with a per-unit weight w,
 * ``"ablate"``: w = alpha, v = 0 (``value="zero"``, default) or the mean
   response on negatives (``value="off_mean"``). alpha < 1 scales a unit by
   1 - alpha, so a constant dampening factor f is ``mode="ablate", alpha=1 - f``.
+* ``"clamp"``: z <- max(z, v) (with weight alpha), v as for ``"set"``: a unit
+  already above its concept value is left alone, so the experts are never lowered.
+  As a suppression mode it clamps down, z <- min(z, off_mean): each token's
+  response is capped at the unit's typical (max-pooled) response on negatives.
 
 Several concepts: pass ``{"football": +1, "woman": -1}``. A positive strength s
 steers toward the concept with ``mode`` and weight scale alpha * s; a negative
 one suppresses it with ``suppress`` (``"dampen"`` or ``"ablate"`` to zero) and
-scale alpha * |s|. ``value`` applies to the toward mode only.
+scale alpha * |s|. ``value`` applies to the toward mode only. ``layers`` limits
+the candidate units to some layers (e.g. leaving out the lexical detectors of
+the first layers).
 
 **A unit claimed by two concepts** is governed by the concept whose AP for that
 unit is higher (the unit is a better detector of it); on a tie, by the concept
@@ -53,15 +64,15 @@ from .experts import VALUE_STATS, ExpertSet, ModelMismatchError
 from .interventions import ExpertIntervention, build_intervenable, pyvene_call
 from .models import LoadedModel, UnitSite, locate_units
 
-MODES = ("set", "dampen", "ablate")
-SUPPRESS_MODES = ("dampen", "ablate")
+MODES = ("set", "dampen", "ablate", "clamp")
+SUPPRESS_MODES = ("dampen", "ablate", "clamp")
 POSITIONS = ("all", "prompt", "generated")
 ABLATE_VALUES = ("zero", "off_mean")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "steering.json"
 WEIGHTS_NAME = "steering.safetensors"
 CARD_NAME = "README.md"
-_PLAN_ARRAYS = ("layer", "neuron", "concept", "weight", "target", "ap", "auroc")
+_PLAN_ARRAYS = ("layer", "neuron", "concept", "weight", "target", "bound", "ap", "auroc")
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,9 @@ class SteeringSpec:
     """What was asked for (JSON-able): concepts with signed strengths, selection, mode.
 
     ``concepts`` maps resolved concept names to strengths (> 0 toward, < 0 suppress).
-    Exactly one of ``k``/``tau``/``per_layer`` is set (see :meth:`ExpertSet.select`).
+    Exactly one of ``k``/``tau``/``per_layer`` is set (see :meth:`ExpertSet.select`);
+    ``layers`` (None = all) limits the candidates; ``rank`` is ``"ap"``, or ``"scores"``
+    when the experts were ranked by per-unit scores given to :func:`steer`.
     """
 
     concepts: dict[str, float]
@@ -83,14 +96,17 @@ class SteeringSpec:
     value: str | None = None
     suppress: str = "dampen"
     positions: str = "all"
+    layers: list[int] | None = None
+    rank: str = "ap"
 
 
 @dataclass
 class SteeringPlan:
     """The units to steer, one row each, sorted by (layer, neuron).
 
-    ``concept`` indexes ``concepts``; ``weight`` (dimensionless) and ``target``
-    (activation units) define ``z <- z + weight (target - z)``; ``ap``/``auroc``
+    ``concept`` indexes ``concepts``; ``weight`` (dimensionless), ``target``
+    (activation units) and ``bound`` (0 set, +1 clamp up, -1 clamp down) define
+    the unit's move (see :mod:`steer_experts.interventions`); ``ap``/``auroc``
     are the unit's scores for its concept. ``contested`` counts units that more
     than one concept selected (resolved by higher AP).
     """
@@ -101,6 +117,7 @@ class SteeringPlan:
     concept: np.ndarray
     weight: np.ndarray
     target: np.ndarray
+    bound: np.ndarray
     ap: np.ndarray
     auroc: np.ndarray
     contested: int = 0
@@ -115,7 +132,7 @@ class SteeringPlan:
             rows = self.layer == site.layer
             if rows.any():
                 out[site] = ExpertIntervention.from_units(
-                    site.width, self.neuron[rows], self.weight[rows], self.target[rows])
+                    site.width, self.neuron[rows], self.weight[rows], self.target[rows], self.bound[rows])
         return out
 
     def concept_summary(self) -> list[dict]:
@@ -140,14 +157,16 @@ class SteeringPlan:
 # ---------------------------------------------------------------------------- planning
 
 
-def _unit_rule(selection, mode: str, value: str | None, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, target) per selected unit for one concept under ``mode``."""
+def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weight, target, bound) per selected unit for one concept under ``mode``."""
     n = len(selection)
     if mode == "dampen":
         gini = 2.0 * (selection.auroc.astype(np.float64) - 0.5)
         weight = np.where(selection.auroc > 0.5, scale * gini, 0.0)
-        return weight.astype(np.float32), np.zeros(n, np.float32)
-    return np.full(n, scale, np.float32), selection.values(value)
+        return weight.astype(np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    bound = {"clamp": 1.0 if toward else -1.0}.get(mode, 0.0)
+    return np.full(n, scale, np.float32), selection.values(value), np.full(n, bound, np.float32)
 
 
 def _is_number(x) -> bool:
@@ -170,7 +189,7 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
     if not _is_number(spec.alpha) or spec.alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0; got {spec.alpha!r}. "
                          "To push a concept away, give it a negative strength instead.")
-    allowed = {"set": VALUE_STATS, "ablate": ABLATE_VALUES, "dampen": ()}[spec.mode]
+    allowed = {"set": VALUE_STATS, "clamp": VALUE_STATS, "ablate": ABLATE_VALUES, "dampen": ()}[spec.mode]
     if spec.value is not None and spec.value not in allowed:
         raise ValueError(f"value={spec.value!r} does not fit mode {spec.mode!r}; allowed: "
                          f"{allowed or 'none (dampen derives each factor from the AUROC)'}.")
@@ -180,28 +199,41 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
         if not _is_number(strength) or strength == 0:
             raise ValueError(f"Strength of concept {name!r} must be a finite non-zero number "
                              f"(> 0 toward, < 0 suppress); got {strength!r}.")
+    if spec.rank not in ("ap", "scores"):
+        raise ValueError(f"Unknown rank {spec.rank!r}; 'ap', or 'scores' with per-unit scores.")
+    if spec.layers is not None and (isinstance(spec.layers, (str, bytes)) or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in spec.layers) or not spec.layers):
+        raise ValueError(f"layers must be a non-empty list of layer indices; got {spec.layers!r}.")
     return replace(spec, concepts={n: float(s) for n, s in spec.concepts.items()}, alpha=float(spec.alpha),
+                   layers=None if spec.layers is None else sorted({int(x) for x in spec.layers}),
                    k=_plain_int(spec.k), per_layer=_plain_int(spec.per_layer),
                    tau=float(spec.tau) if _is_number(spec.tau) else spec.tau)
 
 
-def plan_steering(experts: ExpertSet, spec: SteeringSpec) -> SteeringPlan:
-    """Select each concept's experts and turn them into per-unit (weight, target) rows.
+def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | None = None) -> SteeringPlan:
+    """Select each concept's experts and turn them into per-unit (weight, target, bound) rows.
+
+    ``scores`` (one per unit, one concept only) ranks the experts instead of AP.
 
     Raises KeyError for an unknown concept and ValueError for any other bad
     argument (k larger than the units available, alpha NaN, unknown mode...).
     """
     spec = checked_spec(spec)
+    if (scores is not None) != (spec.rank == "scores"):
+        raise ValueError("Pass scores exactly when spec.rank == 'scores'.")
+    if scores is not None and len(spec.concepts) != 1:
+        raise ValueError("scores rank the units of one concept; steer one concept at a time with them.")
     parts = []
     for c, (name, strength) in enumerate(spec.concepts.items()):
         selection = experts.select(name, k=spec.k, tau=spec.tau, per_layer=spec.per_layer,
-                                   control=spec.control, seed=spec.seed)
+                                   control=spec.control, seed=spec.seed, layers=spec.layers, scores=scores)
         toward = strength > 0
         mode = spec.mode if toward else spec.suppress
-        value = (spec.value if toward else None) or {"set": "on_p50", "ablate": "zero"}.get(mode)
-        weight, target = _unit_rule(selection, mode, value, spec.alpha * abs(strength))
+        default_value = {"set": "on_p50", "ablate": "zero", "clamp": "on_p50" if toward else "off_mean"}
+        value = (spec.value if toward else None) or default_value.get(mode)
+        weight, target, bound = _unit_rule(selection, mode, value, spec.alpha * abs(strength), toward)
         parts.append(dict(units=selection.units, layer=selection.layer, neuron=selection.neuron,
-                          concept=np.full(len(selection), c, np.int64), weight=weight, target=target,
+                          concept=np.full(len(selection), c, np.int64), weight=weight, target=target, bound=bound,
                           ap=selection.ap.astype(np.float64), auroc=selection.auroc.astype(np.float64)))
     cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     # Contested units: the highest AP wins, then the concept named first.
@@ -232,17 +264,20 @@ def steer(
     experts: ExpertSet,
     concepts: str | Mapping[str, float],
     *,
-    k: int | None = None,
+    k: int | str | None = None,
     tau: float | None = None,
     per_layer: int | None = None,
     alpha: float = 1.0,
+    max_perplexity_ratio: float = 2.0,
     mode: str = "set",
     value: str | None = None,
     suppress: str = "dampen",
     positions: str = "all",
+    layers: Sequence[int] | None = None,
+    scores: np.ndarray | None = None,
     control: str | None = None,
     seed: int = 0,
-) -> "SteeredModel":
+) -> "ExpertSteeredModel":
     """Build a model steered by the experts of ``concepts``.
 
     Args:
@@ -252,16 +287,23 @@ def steer(
             the concept with ``mode``, < 0 suppresses it with ``suppress``; |strength|
             scales alpha.
         k, tau, per_layer: which experts (exactly one; see :meth:`ExpertSet.select`).
+            ``k="auto"`` takes k and alpha from the operating point that
+            :func:`steer_experts.calibration.calibrate` stored for the concept and
+            ``max_perplexity_ratio`` (one concept only).
         alpha: intervention strength >= 0 (1 = set exactly / AurA's factor).
-        mode: ``"set"``, ``"dampen"`` or ``"ablate"`` (module docstring).
-        value: target statistic: for ``"set"`` one of ``VALUE_STATS`` (default
+        mode: ``"set"``, ``"dampen"``, ``"ablate"`` or ``"clamp"`` (module docstring).
+        value: target statistic: for ``"set"``/``"clamp"`` one of ``VALUE_STATS`` (default
             ``"on_p50"``); for ``"ablate"`` ``"zero"`` (default) or ``"off_mean"``.
-        suppress: mode for negative strengths, ``"dampen"`` or ``"ablate"`` (to zero).
+        suppress: mode for negative strengths: ``"dampen"``, ``"ablate"`` (to zero) or
+            ``"clamp"`` (down to ``off_mean``).
         positions: default for :meth:`SteeredModel.generate`: ``"all"``, ``"prompt"``, ``"generated"``.
+        layers: only units of these layers are candidates (None: all layers).
+        scores: one number per unit that ranks the experts instead of AP, for one concept
+            (e.g. :func:`steer_experts.diffmean.aligned_scores`).
         control, seed: ``"random"``/``"lowest"`` units instead of experts (with ``k``).
 
     Returns:
-        A :class:`SteeredModel`. On any bad argument it raises before touching the model.
+        An :class:`ExpertSteeredModel`. On any bad argument it raises before touching the model.
 
     Raises:
         ModelMismatchError: the experts come from another model.
@@ -269,44 +311,64 @@ def steer(
         ValueError: any other bad argument.
     """
     experts.check_model(model)
-    spec = checked_spec(SteeringSpec(_resolve_concepts(experts, concepts), k=k, tau=tau, per_layer=per_layer,
+    resolved = _resolve_concepts(experts, concepts)
+    if k == "auto":
+        if len(resolved) != 1:
+            raise ValueError("k='auto' is calibrated per concept: steer one concept at a time with it.")
+        point = experts.operating_point(next(iter(resolved)), max_perplexity_ratio)
+        k, alpha = point["k"], point["alpha"]
+    spec = checked_spec(SteeringSpec(resolved, k=k, tau=tau, per_layer=per_layer,
                                      control=control, seed=seed, alpha=alpha, mode=mode, value=value,
-                                     suppress=suppress, positions=positions))
-    plan = plan_steering(experts, spec)
-    return SteeredModel(model, plan, spec, experts.sites, experts.unit_kind)
+                                     suppress=suppress, positions=positions,
+                                     layers=None if layers is None else list(layers),
+                                     rank="ap" if scores is None else "scores"))
+    plan = plan_steering(experts, spec, scores)
+    return ExpertSteeredModel(model, plan, spec, experts.sites, experts.unit_kind)
 
 
 # ---------------------------------------------------------------------------- the steered model
 
+STEERING_METHODS: dict[str, type["SteeredModel"]] = {}
+
 
 class SteeredModel:
-    """A model whose expert units are steered, via a pyvene ``IntervenableModel``.
+    """A base model steered through pyvene interventions; what every steering method returns.
+
+    Subclasses set :attr:`method` (the name saved in ``steering.json``) and
+    implement :meth:`method_config`, :meth:`method_arrays` and :meth:`from_saved`;
+    :meth:`from_pretrained` on this class loads any of them.
 
     Attributes:
         base: the :class:`LoadedModel` (its weights are never changed).
-        plan: the :class:`SteeringPlan` (units, weights, targets).
-        spec: the :class:`SteeringSpec` it was built from.
+        interventions: the pyvene intervention at each :class:`UnitSite`.
+        positions: default positions for :meth:`generate`.
         intervenable: the pyvene ``IntervenableModel``.
     """
 
-    def __init__(self, base: LoadedModel, plan: SteeringPlan, spec: SteeringSpec, sites: Sequence[UnitSite],
-                 unit_kind: str = "mlp"):
-        self.base = base
-        self.plan = plan
-        self.spec = spec
-        self.sites = list(sites)
-        self.unit_kind = unit_kind
-        interventions = plan.interventions(self.sites)
-        for intervention in interventions.values():
-            intervention.to(base.device)
-        self.intervenable = build_intervenable(base.model, interventions)
+    method: str = ""
 
-    def __repr__(self) -> str:
-        toward = ", ".join(f"{n}:{s:+g}" for n, s in self.spec.concepts.items())
-        return (f"SteeredModel({self.base.name!r}, {toward}, {len(self.plan)} units in "
-                f"{len(set(self.plan.layer.tolist()))} layers, mode={self.spec.mode}, alpha={self.spec.alpha:g})")
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            STEERING_METHODS[cls.method] = cls
+
+    def __init__(self, base: LoadedModel, interventions: Mapping[UnitSite, torch.nn.Module],
+                 positions: str = "all"):
+        if positions not in POSITIONS:
+            raise ValueError(f"Unknown positions {positions!r}; choose one of {POSITIONS}.")
+        self.base = base
+        self.positions = positions
+        self.interventions = dict(interventions)
+        for intervention in self.interventions.values():
+            intervention.to(base.device)
+        self.intervenable = build_intervenable(base.model, self.interventions)
 
     # ------------------------------------------------------------------ running
+    def model_inputs(self, prompts: Sequence[str]) -> list[str]:
+        """The texts actually fed to the model for ``prompts`` (the prompts themselves, unless a
+        method rewrites them, as prompting does)."""
+        return list(prompts)
+
     def __call__(self, **model_inputs):
         """Steered forward pass at every position; returns the model's output (e.g. with ``.logits``)."""
         if not self.intervenable.interventions:  # pyvene then returns (output, None), not (None, output)
@@ -319,13 +381,13 @@ class SteeredModel:
                  positions: str | None = None, seed: int = 0, **generate_kwargs) -> torch.Tensor:
         """Steered ``model.generate``; returns prompt + new token ids, shape (batch, length).
 
-        ``positions``: ``"all"`` (default from the spec) steers every prompt position and each
+        ``positions``: ``"all"`` (default from the method) steers every prompt position and each
         new token under the KV cache; ``"prompt"`` only the prompt; ``"generated"`` only the
         positions of generated tokens fed back in (the first new token comes from the
         unsteered prompt). The global RNG is seeded with ``seed`` for this call and restored
         after, so seeded sampling repeats exactly and the caller's RNG is untouched.
         """
-        positions = positions or self.spec.positions
+        positions = positions or self.positions
         if positions not in POSITIONS:
             raise ValueError(f"Unknown positions {positions!r}; choose one of {POSITIONS}.")
         if positions != "all" and generate_kwargs.get("use_cache") is False:
@@ -357,15 +419,16 @@ class SteeredModel:
         the same prompts, seed and batch size give the same text.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        inputs = self.model_inputs(prompts)
         sampling = {"do_sample": do_sample}
         if do_sample:
             # transformers reads None as "use the generation config" (top_k 50): pass explicit no-ops.
             sampling.update(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
         tokenizer = self.base.tokenizer
         texts = []
-        starts = range(0, len(prompts), batch_size)
+        starts = range(0, len(inputs), batch_size)
         for b, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1)):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+            batch = tokenizer(inputs[start:start + batch_size], return_tensors="pt", padding=True,
                               padding_side="left")
             out = self.generate(batch["input_ids"], batch["attention_mask"], positions=positions, seed=seed + b,
                                 max_new_tokens=max_new_tokens, **sampling)
@@ -373,19 +436,25 @@ class SteeredModel:
         return texts
 
     # ------------------------------------------------------------------ persistence
+    def method_config(self) -> dict:
+        """The method's own JSON-able settings, saved in ``steering.json``."""
+        raise NotImplementedError
+
+    def method_arrays(self) -> dict[str, np.ndarray]:
+        """The method's own arrays, saved in ``steering.safetensors``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, model: LoadedModel, config: dict, arrays: dict[str, np.ndarray]) -> "SteeredModel":
+        """Rebuild the method from what :meth:`method_config`/:meth:`method_arrays` saved.
+        Raises KeyError/TypeError/ValueError when they are inconsistent."""
+        raise NotImplementedError
+
     def config(self) -> dict:
         """Everything :meth:`from_pretrained` and the model card need, JSON-able."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "library": "steer_experts",
-            "base_model": {"name": self.base.name, "fingerprint": self.base.fingerprint},
-            "unit_kind": self.unit_kind,
-            "sites": [{"layer": s.layer, "module_path": s.module_path, "width": s.width} for s in self.sites],
-            "spec": asdict(self.spec),
-            "concepts": self.plan.concepts,
-            "contested_units": self.plan.contested,
-            "experts": self.plan.concept_summary(),
-        }
+        return {"format_version": FORMAT_VERSION, "library": "steer_experts", "method": self.method,
+                "base_model": {"name": self.base.name, "fingerprint": self.base.fingerprint},
+                "positions": self.positions, **self.method_config()}
 
     def save_pretrained(self, folder: str | Path, repo_id: str | None = None) -> Path:
         """Write the steered model (not the base weights) to ``folder``; returns it.
@@ -400,16 +469,17 @@ class SteeredModel:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = self.config()
-        arrays = {key: np.ascontiguousarray(getattr(self.plan, key)) for key in _PLAN_ARRAYS}
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".pyvene-") as tmp:
-            with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... exists"
-                self.intervenable.save(tmp)
-            written = set(os.listdir(tmp))
-            for stale in folder.glob("intkey_*.bin"):
-                if stale.name not in written:
-                    stale.unlink()
-            for name in written:
-                os.replace(Path(tmp) / name, folder / name)
+        arrays = {key: np.ascontiguousarray(value) for key, value in self.method_arrays().items()}
+        if self.interventions:
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".pyvene-") as tmp:
+                with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... exists"
+                    self.intervenable.save(tmp)
+                written = set(os.listdir(tmp))
+                for stale in folder.glob("intkey_*.bin"):
+                    if stale.name not in written:
+                        stale.unlink()
+                for name in written:
+                    os.replace(Path(tmp) / name, folder / name)
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(arrays, str(p)))
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
         atomic_write(folder / CARD_NAME, lambda p: Path(p).write_text(render_model_card(config, repo_id)))
@@ -417,7 +487,8 @@ class SteeredModel:
 
     @classmethod
     def from_pretrained(cls, folder_or_repo: str | Path, model: LoadedModel) -> "SteeredModel":
-        """Load a steered model saved by :meth:`save_pretrained` (folder or Hub repo id) onto ``model``.
+        """Load a steered model saved by :meth:`save_pretrained` (folder or Hub repo id) onto ``model``,
+        whatever its method.
 
         Raises:
             ModelMismatchError: ``model`` is not the base model it was saved with.
@@ -431,14 +502,11 @@ class SteeredModel:
             config = json.loads((folder / CONFIG_NAME).read_text())
             if config.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+            method = STEERING_METHODS.get(config.get("method", "experts"))
+            if method is None:
+                raise ValueError(f"unknown steering method {config.get('method')!r}; known: {sorted(STEERING_METHODS)}")
             base = config["base_model"]
             arrays = load_file(str(folder / WEIGHTS_NAME))
-            plan = SteeringPlan(list(config["concepts"]), *(arrays[key] for key in _PLAN_ARRAYS),
-                                contested=int(config["contested_units"]))
-            spec = SteeringSpec(**config["spec"])
-            sites = [UnitSite(**s) for s in config["sites"]]
-            unit_kind = config["unit_kind"]
-            _check_plan(plan, sites)
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
             raise ValueError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
                              "Re-create it with SteeredModel.save_pretrained.") from None
@@ -447,11 +515,11 @@ class SteeredModel:
                 f"This steered model was saved for {base['name']!r} (fingerprint {base['fingerprint'][:12]}), "
                 f"but the model given is {model.name!r} (fingerprint {model.fingerprint[:12]}). "
                 "Load the base model it was made with.")
-        actual = {(s.layer, s.module_path, s.width) for s in locate_units(model.model, unit_kind)}
-        missing = [s for s in sites if (s.layer, s.module_path, s.width) not in actual]
-        if missing:
-            raise ValueError(f"{folder}: sites {missing[:3]} do not exist in {model.name!r}.")
-        return cls(model, plan, spec, sites, unit_kind)
+        try:
+            return method.from_saved(model, config, arrays)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
+                             "Re-create it with SteeredModel.save_pretrained.") from None
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload exactly what :meth:`save_pretrained` writes to the Hub repo ``repo_id``; returns its URL.
@@ -464,7 +532,68 @@ class SteeredModel:
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, repo_id=repo_id)
             return upload_folder(tmp, repo_id, private=private, token=token,
-                                 commit_message=f"Upload steered {self.base.name} ({', '.join(self.plan.concepts)})")
+                                 commit_message=f"Upload {self!r}")
+
+
+def checked_sites(model: LoadedModel, saved: Sequence[dict], actual: Sequence[UnitSite]) -> list[UnitSite]:
+    """The saved sites (dicts), checked to be among ``actual`` (the model's own). Raises ValueError."""
+    sites = [UnitSite(**s) for s in saved]
+    missing = [s for s in sites if s not in set(actual)]
+    if missing:
+        raise ValueError(f"sites {missing[:3]} do not exist in {model.name!r}")
+    return sites
+
+
+class ExpertSteeredModel(SteeredModel):
+    """A model whose expert units are steered (:func:`steer`).
+
+    Attributes (besides :class:`SteeredModel`'s):
+        plan: the :class:`SteeringPlan` (units, weights, targets).
+        spec: the :class:`SteeringSpec` it was built from.
+        sites: every unit site of the expert set (one per layer).
+    """
+
+    method = "experts"
+
+    def __init__(self, base: LoadedModel, plan: SteeringPlan, spec: SteeringSpec, sites: Sequence[UnitSite],
+                 unit_kind: str = "mlp"):
+        self.plan = plan
+        self.spec = spec
+        self.sites = list(sites)
+        self.unit_kind = unit_kind
+        super().__init__(base, plan.interventions(self.sites), spec.positions)
+
+    def __repr__(self) -> str:
+        toward = ", ".join(f"{n}:{s:+g}" for n, s in self.spec.concepts.items())
+        return (f"SteeredModel({self.base.name!r}, {toward}, {len(self.plan)} units in "
+                f"{len(set(self.plan.layer.tolist()))} layers, mode={self.spec.mode}, alpha={self.spec.alpha:g})")
+
+    def method_config(self) -> dict:
+        """Unit kind, sites, spec, concepts and per-concept expert statistics."""
+        return {
+            "unit_kind": self.unit_kind,
+            "sites": [asdict(s) for s in self.sites],
+            "spec": asdict(self.spec),
+            "concepts": self.plan.concepts,
+            "contested_units": self.plan.contested,
+            "experts": self.plan.concept_summary(),
+        }
+
+    def method_arrays(self) -> dict[str, np.ndarray]:
+        """The plan's per-unit arrays."""
+        return {key: getattr(self.plan, key) for key in _PLAN_ARRAYS}
+
+    @classmethod
+    def from_saved(cls, model: LoadedModel, config: dict, arrays: dict[str, np.ndarray]) -> "ExpertSteeredModel":
+        """Rebuild from the saved plan, checked against the sites of ``model``."""
+        plan = SteeringPlan(list(config["concepts"]), *(arrays[key] for key in _PLAN_ARRAYS),
+                            contested=int(config["contested_units"]))
+        spec = SteeringSpec(**config["spec"])
+        unit_kind = config["unit_kind"]
+        sites = [UnitSite(**s) for s in config["sites"]]
+        _check_plan(plan, sites)
+        checked_sites(model, config["sites"], locate_units(model.model, unit_kind))
+        return cls(model, plan, spec, sites, unit_kind)
 
 
 def _check_plan(plan: SteeringPlan, sites: Sequence[UnitSite]) -> None:

@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_experts.baselines import (
-    SentenceEncoder, contextual_concept_vectors, minilm_folder, static_word_vectors, vector_similarity,
-)
+from steer_experts.baselines import contextual_concept_vectors, static_word_vectors, vector_similarity
 from steer_experts.concepts import Concept, ConceptSet
+from steer_experts.evaluation.sentence_encoder import SentenceEncoder, minilm_folder
 from steer_experts.models import LoadedModel
 
 from .conftest import tiny_config

@@ -77,3 +77,36 @@ def test_threads_option_sets_torch_threads_and_rejects_zero(example_dir, capsys)
         main(["--threads", "0", "search", "--experts", str(example_dir), "music"])
     assert exit_info.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_generate_with_variants_baselines_and_a_stored_operating_point(example_dir, smollm2, capsys, monkeypatch,
+                                                                        tmp_path):
+    import shutil
+
+    from steer_experts.experts import operating_point_key
+
+    monkeypatch.setattr("steer_experts.models.load_model", lambda *a, **k: smollm2)
+    common = ["--experts", str(example_dir), "--concept", "football", "--max-new-tokens", "5", "--greedy"]
+    assert main(["generate", *common, "--k", "20", "--mode", "clamp", "--from-layer", "2", "Hello"]) == 0
+    printed = capsys.readouterr().out
+    assert "mode=clamp" in printed and "20 units" in printed
+    assert main(["generate", *common, "--method", "prompt", "Hello"]) == 0
+    assert "Write a few sentences about football." in capsys.readouterr().out
+    assert main(["generate", *common, "--method", "diffmean", "Hello"]) == 2
+    assert "pass --concepts FILE" in capsys.readouterr().err
+    assert main(["generate", *common, "--method", "diffmean", "--concepts", "examples/concepts.jsonl",
+                 "--layer", "20", "--factor", "0.3", "Hello"]) == 0
+    assert "DiffMean football at layer 20" in capsys.readouterr().out
+
+    # --auto uses the point kept with the expert set, and needs no concept data then
+    folder = shutil.copytree(example_dir, tmp_path / "experts")
+    expert_set = ExpertSet.from_pretrained(folder)
+    expert_set.metadata["operating_points"] = {operating_point_key("football", 2.0): {"k": 7, "alpha": 0.5}}
+    expert_set.save_pretrained(folder)
+    assert main(["generate", "--experts", str(folder), "--concept", "football", "--max-new-tokens", "5",
+                 "--greedy", "--auto", "Hello"]) == 0
+    assert "7 units" in capsys.readouterr().out
+    assert main(["generate", "--experts", str(folder), "--concept", "football", "--auto",
+                 "--max-perplexity-ratio", "3", "Hello"]) == 2
+    assert "pass --concepts FILE" in capsys.readouterr().err

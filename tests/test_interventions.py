@@ -339,3 +339,58 @@ def test_gemma3_loads_without_a_pyvene_mapping():
         assert modeling_utils.type_to_dimension_mapping[Unmapped] == {"x": ("1",)}
     finally:
         del pyvene.type_to_dimension_mapping[Unmapped]
+
+
+# ----------------------------------------------------------------------------- clamping
+
+
+@pytest.mark.parametrize("strength", [1.0, -1.0])
+def test_clamp_never_moves_a_unit_the_wrong_way(tiny_model, recorder_for, strength):
+    """Clamp-up (toward) never lowers a unit and clamp-down (suppress) never raises one; each unit
+    ends exactly at max(z, on_p50) / min(z, off_mean), checked on recorded activations."""
+    experts = synthetic_experts(tiny_model)
+    # values inside the tiny models' activation range, so that both sides of the clamp occur
+    experts.expertise.on_p50[:] = experts.expertise.off_mean[:] = 0.01
+    selection = experts.select("football", k=20)
+    value = selection.values("on_p50" if strength > 0 else "off_mean")
+    steered = steer(tiny_model, experts, {"football": strength}, k=20, mode="clamp", suppress="clamp")
+    assert set(steered.plan.bound.tolist()) == {np.sign(strength)}
+    recorder = recorder_for(tiny_model.model)
+    steered.generate(prompt_ids(tiny_model), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    moved = kept = 0
+    for site in experts.sites:
+        rows = selection.layer == site.layer
+        idx = torch.as_tensor(selection.neuron[rows])
+        v = torch.as_tensor(value[rows])
+        for actual, unsteered in zip(recorder.actual[site.layer], recorder.unsteered[site.layer]):
+            z, got = unsteered[..., idx], actual[..., idx]
+            want = torch.maximum(z, v) if strength > 0 else torch.minimum(z, v)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert bool(((got >= z - 1e-6) if strength > 0 else (got <= z + 1e-6)).all())
+            moved += int((got - z).abs().gt(1e-4).sum())
+            kept += int((got - z).abs().le(1e-6).sum())
+    assert moved > 0 and kept > 0, "the clamp should move some units and leave others, or the test proves nothing"
+
+
+def test_layers_and_scores_choose_the_candidates(tiny_llama):
+    experts = synthetic_experts(tiny_llama)
+    late = experts.select("football", k=5, layers=[1])
+    assert set(late.layer.tolist()) == {1}
+    c = experts.concept_index("football")
+    in_layer_1 = np.flatnonzero(experts.layer == 1)
+    want = in_layer_1[np.argsort(-experts.expertise.ap[c, in_layer_1], kind="stable")[:5]]
+    assert np.array_equal(late.units, want)
+    scores = np.random.default_rng(1).random(experts.n_units)
+    by_score = experts.select("football", k=7, scores=scores)
+    assert np.array_equal(by_score.units, np.argsort(-scores, kind="stable")[:7])
+    assert np.array_equal(by_score.ap, experts.expertise.ap[c, by_score.units])
+    random_late = experts.select("football", k=5, layers=[0], control="random", seed=3)
+    assert set(random_late.layer.tolist()) == {0}
+    with pytest.raises(ValueError, match="do not exist"):
+        experts.select("football", k=5, layers=[9])
+    with pytest.raises(ValueError, match="one per unit"):
+        experts.select("football", k=5, scores=scores[:-1])
+    steered = steer(tiny_llama, experts, "football", k=7, scores=scores)
+    assert steered.spec.rank == "scores"
+    assert set(zip(steered.plan.layer.tolist(), steered.plan.neuron.tolist())) == \
+        set(zip(by_score.layer.tolist(), by_score.neuron.tolist()))

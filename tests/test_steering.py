@@ -358,3 +358,43 @@ def test_steered_forward_with_no_experts_is_the_plain_forward(tiny_llama):
     with torch.no_grad():
         expected = tiny_llama.model(input_ids=ids).logits
         torch.testing.assert_close(steered(input_ids=ids).logits, expected)
+
+
+# ----------------------------------------------------------------------------- every method round-trips
+
+
+def test_every_method_saves_and_loads_to_identical_generations(tiny_llama, tmp_path):
+    from steer_experts.diffmean import residual_means, steer_diffmean
+    from steer_experts.prompting import steer_prompt
+
+    from .test_diffmean import CONCEPT
+
+    experts = synthetic_experts(tiny_llama)
+    methods = {
+        "set": steer(tiny_llama, experts, "football", k=20),
+        "clamp": steer(tiny_llama, experts, {"football": 1, "woman": -1}, k=20, mode="clamp", suppress="clamp"),
+        "late": steer(tiny_llama, experts, "football", k=5, layers=[1], positions="generated"),
+        "diffmean": steer_diffmean(tiny_llama, residual_means(tiny_llama, CONCEPT, progress=False), 1, 3.0),
+        "prompt": steer_prompt(tiny_llama, "football"),
+    }
+    prompts = ["Hello there", "A cat sat on", "x"]
+    unsteered = steer(tiny_llama, experts, "football", k=0).complete(prompts, max_new_tokens=8, do_sample=True,
+                                                                      top_k=10, seed=2)
+    for name, steered in methods.items():
+        want = steered.complete(prompts, max_new_tokens=8, do_sample=True, top_k=10, seed=2)
+        assert want != unsteered, f"{name} should change the text, or the comparison proves nothing"
+        reloaded = SteeredModel.from_pretrained(steered.save_pretrained(tmp_path / name), tiny_llama)
+        assert type(reloaded) is type(steered) and reloaded.positions == steered.positions
+        assert reloaded.complete(prompts, max_new_tokens=8, do_sample=True, top_k=10, seed=2) == want, name
+
+
+def test_prompting_continues_the_prompt_inside_the_chat_template(tiny_llama):
+    from steer_experts.prompting import steer_prompt
+
+    steered = steer_prompt(tiny_llama, "football")
+    (text,) = steered.model_inputs(["Once upon a time"])
+    assert "Write a few sentences about football." in text
+    assert text.endswith("Once upon a time") and text.index("football") < text.index("Once upon a time")
+    assert len(steered.complete(["Once upon a time"], max_new_tokens=3)) == 1
+    with pytest.raises(ValueError, match="non-empty"):
+        steer_prompt(tiny_llama, " ")

@@ -450,7 +450,7 @@ _METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 def metric_path(name: str) -> str:
     """Path of a shipped ``evaluate`` metric script, for ``evaluate.load(metric_path(name))``.
 
-    Names: ``"concept_presence"`` and ``"self_bleu"``. Loading works offline
+    Names: ``"concept_presence"``, ``"concept_score"`` and ``"self_bleu"``. Loading works offline
     (``HF_HUB_OFFLINE=1``, ``HF_EVALUATE_OFFLINE=1``); the script imports
     ``steer_experts.evaluation``, so the package must be importable.
     """

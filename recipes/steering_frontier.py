@@ -1,0 +1,387 @@
+"""Steering frontier: concept score against perplexity, experts against DiffMean and prompting.
+
+The AxBench protocol, offline. For each concept, every method's strength is swept
+on one half of the neutral prompts (the *dev* half); each method's operating
+point -- its highest concept score whose perplexity is within ``--ppl-budget``
+times the unsteered one -- is chosen there, then generated again and reported on
+the other half (the *test* half), with 95% bootstrap intervals over test prompts.
+
+Methods (each one family of settings; ``--methods`` picks some):
+
+* ``experts`` -- the mission's intervention: the top-k experts by AP set to their
+  median response on positives (on_p50) at every position; k and alpha swept.
+* ``experts_late`` -- the same without layers 0-1, whose top experts are lexical
+  detectors of the word itself.
+* ``experts_clamp`` -- clamp-up, z <- max(z, on_p50): experts are never lowered.
+* ``experts_aligned`` -- experts ranked by AP x their push along the concept's
+  DiffMean direction (``diffmean.aligned_scores``) instead of AP alone.
+* ``random`` -- k random units set to their on_p50 (the control).
+* ``diffmean`` -- the unit DiffMean direction added at one layer's residual stream,
+  factor x the layer's median token norm; layer and factor swept (as many cells
+  as the four expert variants together).
+* ``prompt`` -- an instruction to write about the concept, in the chat template.
+
+The best expert variant is chosen on dev among the four ``experts*`` families.
+Scores of a text: the concept classifier (logistic regression on all-MiniLM-L6-v2
+embeddings, fitted on the concept's positives vs negatives; its held-out
+accuracy is reported), p(word) (the concept word or its inflections), perplexity
+of the continuation given its prompt under a *different* model (Gemma-3-270M for
+SmolLM2), distinct-2 and Self-BLEU-4 (per prompt).
+
+Outputs (``--out``; see recipe_io for the folder layout): cells/*.jsonl (texts
+and perplexities, one file per cell; a killed run resumes), means/*.safetensors
+(DiffMean statistics), frontier.csv (every cell), operating_points.csv (the test
+half), report.md, frontier_<concept>.png.
+
+    python recipes/steering_frontier.py --out out/frontier --concept football --concept man --concept woman
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from prompts import FRONTIER_PROMPTS, concept_word  # noqa: E402
+from recipe_io import (  # noqa: E402
+    ONESEC, LazyModel, RunFolder, concept_names, cross_scorer, experts_for, set_threads, write_csv, write_text,
+)
+from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.diffmean import ResidualMeans, aligned_scores, residual_means, steer_diffmean  # noqa: E402
+from steer_experts.evaluation import concept_presence, concept_words, distinct_n, perplexity, self_bleu  # noqa: E402
+from steer_experts.evaluation.concept_score import ConceptClassifier  # noqa: E402
+from steer_experts.prompting import steer_prompt  # noqa: E402
+from steer_experts.steering import steer  # noqa: E402
+
+SAMPLING = {"paper": dict(temperature=1.0, top_k=10), "nucleus": dict(temperature=0.7, top_p=0.9)}
+EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned")
+METHODS = (*EXPERT_VARIANTS, "random", "diffmean", "prompt")
+
+
+def default_grid(n_layers: int) -> dict[str, list[dict]]:
+    """Each method's settings, weakest first. DiffMean gets 20 cells, the expert variants 17."""
+    ks = (10, 30, 100, 300)
+    layers = sorted({round(n_layers * f) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6)})
+    return {
+        "experts": [dict(k=k, alpha=1.0) for k in ks] + [dict(k=k, alpha=0.5) for k in (100, 300)],
+        "experts_late": [dict(k=k) for k in ks],
+        "experts_clamp": [dict(k=k) for k in ks[1:]],
+        "experts_aligned": [dict(k=k) for k in ks],
+        "random": [dict(k=k) for k in (30, 100)],
+        "diffmean": [dict(layer=layer, factor=f) for layer in layers for f in (0.1, 0.2, 0.4, 0.8)],
+        "prompt": [{}],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
+    p.add_argument("--concepts", default=str(ONESEC), help="concept data (ConceptSet.load)")
+    p.add_argument("--concept", action="append", help="concept to steer (repeatable); default: all")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--grid", help="JSON {method: [settings...]} replacing the default grid of those methods")
+    p.add_argument("--n-prompts", type=int, default=len(FRONTIER_PROMPTS),
+                   help=f"neutral prompts used, split in half (at most {len(FRONTIER_PROMPTS)})")
+    p.add_argument("--samples-per-prompt", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sampling", choices=sorted(SAMPLING), default="paper",
+                   help="paper: T=1, top-k 10; nucleus: T=0.7, top-p 0.9")
+    p.add_argument("--batch-size", type=int, default=96)
+    p.add_argument("--scorer", help="model that scores perplexity (default: the other embedded model)")
+    p.add_argument("--ppl-budget", type=float, default=2.0,
+                   help="an operating point's perplexity is at most this multiple of the unsteered one")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="sampling, prompt split, classifier split, bootstrap")
+    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if not 2 <= args.n_prompts <= len(FRONTIER_PROMPTS):
+        p.error(f"--n-prompts must be in [2, {len(FRONTIER_PROMPTS)}]")
+    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.ppl_budget <= 1:
+        p.error("--samples-per-prompt and --max-new-tokens must be >= 1, --ppl-budget > 1")
+    try:
+        args.grid = json.loads(args.grid) if args.grid else {}
+    except json.JSONDecodeError as err:
+        p.error(f"--grid is not JSON: {err}")
+    return args
+
+
+def split_prompts(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The dev and test halves of the prompts, drawn with ``--seed``."""
+    prompts = list(FRONTIER_PROMPTS[: args.n_prompts])
+    order = np.random.default_rng(args.seed).permutation(len(prompts))
+    half = len(prompts) // 2
+    return {"dev": [prompts[i] for i in order[:half]], "test": [prompts[i] for i in order[half:]]}
+
+
+def cell_name(concept: str, half: str, method: str, setting: dict) -> str:
+    """A file-safe cell id, e.g. ``football__dev__diffmean__layer15__factor0.2``."""
+    key = dict(concept="all" if method == "base" else concept, half=half, condition=method,
+               **{name: float(v) if isinstance(v, float) else v for name, v in setting.items()})
+    return RunFolder.cell_id(**key)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class Steering:
+    """Everything one concept's cells need, loaded or computed once: the model, experts,
+    DiffMean statistics (cached under ``out/means``) and alignment scores."""
+
+    def __init__(self, model: LazyModel, expert_set, concepts: ConceptSet, out: Path):
+        self.model, self.expert_set, self.concepts, self.out = model, expert_set, concepts, out
+        self._means: dict[str, ResidualMeans] = {}
+        self._aligned: dict[str, np.ndarray] = {}
+
+    def means(self, concept: str) -> ResidualMeans:
+        if concept not in self._means:
+            path = self.out / "means" / f"{RunFolder.cell_id(concept=concept)}.safetensors"
+            if path.exists():
+                self._means[concept] = ResidualMeans.load(path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._means[concept] = residual_means(self.model.get(self.expert_set), self.concepts[concept])
+                self._means[concept].save(path)
+        return self._means[concept]
+
+    def build(self, concept: str, method: str, setting: dict):
+        """The steered model of one cell (``method`` ``"base"`` is the unsteered model)."""
+        model = self.model.get(self.expert_set)
+        if method == "base":
+            return steer(model, self.expert_set, concept, k=0)
+        if method == "prompt":
+            return steer_prompt(model, concept_word(concept))
+        if method == "diffmean":
+            return steer_diffmean(model, self.means(concept), setting["layer"], setting["factor"])
+        k, alpha = setting["k"], setting.get("alpha", 1.0)
+        if method == "experts":
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha)
+        if method == "experts_late":
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha,
+                         layers=range(2, len(self.expert_set.sites)))
+        if method == "experts_clamp":
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha, mode="clamp")
+        if method == "experts_aligned":
+            if concept not in self._aligned:
+                self._aligned[concept] = aligned_scores(model, self.expert_set, self.means(concept))
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha, scores=self._aligned[concept])
+        if method == "random":
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha, control="random")
+        raise ValueError(method)
+
+
+def run_cell(steered, scorer, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+    """Sample one cell on ``prompts`` and score perplexity; one row per continuation."""
+    asked = [p for p in prompts for _ in range(args.samples_per_prompt)]
+    texts = steered.complete(asked, max_new_tokens=args.max_new_tokens, do_sample=True, seed=args.seed,
+                             batch_size=args.batch_size, **SAMPLING[args.sampling])
+    ppl = perplexity(texts, scorer.model, scorer.tokenizer, prompts=asked, batch_size=args.batch_size,
+                     progress=False)
+    return [dict(prompt_index=i // args.samples_per_prompt, prompt=asked[i], text=texts[i], ppl=float(ppl[i]))
+            for i in range(len(texts))]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def prompt_bootstrap(rows: list[dict], base: list[dict], values, n_boot: int, seed: int) -> dict:
+    """Concept score, p(word) and perplexity ratio to ``base`` with 95% intervals, resampling
+    prompts (the same resampled prompts for the cell and the unsteered base)."""
+    prompts = sorted({r["prompt_index"] for r in rows})
+    index = {p: i for i, p in enumerate(prompts)}
+
+    def per_prompt(rs, key):
+        sums, counts = np.zeros(len(prompts)), np.zeros(len(prompts))
+        for r, v in zip(rs, key(rs)):
+            if np.isfinite(v):
+                sums[index[r["prompt_index"]]] += v
+                counts[index[r["prompt_index"]]] += 1
+        return sums, counts
+
+    series = {name: per_prompt(rows, fn) for name, fn in values.items()}
+    series["base_ppl"] = per_prompt(base, lambda rs: [r["ppl"] for r in rs])
+    rng = np.random.default_rng(seed)
+    draws = [np.arange(len(prompts))] + [rng.integers(0, len(prompts), len(prompts)) for _ in range(n_boot)]
+    stats: dict[str, list[float]] = {name: [] for name in values}
+    stats["ppl_ratio"] = []
+    for d in draws:
+        mean = {name: s[d].sum() / max(c[d].sum(), 1) for name, (s, c) in series.items()}
+        for name in values:
+            stats[name].append(mean[name])
+        stats["ppl_ratio"].append(mean["ppl"] / mean["base_ppl"])
+    out = {}
+    for name, v in stats.items():
+        low, high = np.quantile(v[1:], [0.025, 0.975])
+        out.update({name: float(v[0]), f"{name}_low": float(low), f"{name}_high": float(high)})
+    return out
+
+
+def cell_metrics(rows: list[dict], base: list[dict], classifier: ConceptClassifier, words: list[str],
+                 args: argparse.Namespace) -> dict:
+    """Every metric of one cell (see the module docstring)."""
+    texts = [r["text"] for r in rows]
+    p_concept = classifier.probabilities(texts)
+    values = {"concept_score": lambda rs: p_concept, "p_word": lambda rs: concept_presence(texts, words),
+              "ppl": lambda rs: [r["ppl"] for r in rs]}
+    out = prompt_bootstrap(rows, base, values, args.n_boot, args.seed)
+    by_prompt: dict[int, list[str]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_index"], []).append(r["text"])
+    out["self_bleu4"] = float(np.mean([self_bleu(t, n=4) for t in by_prompt.values() if len(t) > 1] or [np.nan]))
+    try:
+        out["distinct2"] = distinct_n(texts, 2)
+    except ValueError:
+        out["distinct2"] = float("nan")
+    return out
+
+
+def choose(rows: list[dict], budget: float) -> dict | None:
+    """The operating point among one method's dev rows: the highest concept score with a perplexity
+    ratio within ``budget``; None when no setting is within it."""
+    within = [r for r in rows if r["ppl_ratio"] <= budget]
+    return max(within, key=lambda r: (r["concept_score"], -r["ppl_ratio"])) if within else None
+
+
+# --------------------------------------------------------------------------- figures and report
+
+
+def plot_frontier(concept: str, dev: list[dict], test: list[dict], budget: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for method in METHODS:
+        points = sorted((r for r in dev if r["method"] == method), key=lambda r: r["ppl_ratio"])
+        if not points:
+            continue
+        frontier, best = [], -1.0
+        for r in points:  # the upper-left envelope: best score at or below each perplexity
+            if r["concept_score"] > best:
+                frontier.append(r)
+                best = r["concept_score"]
+        ax.plot([r["ppl_ratio"] for r in points], [r["concept_score"] for r in points], ".", color=colours[method],
+                alpha=0.35)
+        ax.plot([r["ppl_ratio"] for r in frontier], [r["concept_score"] for r in frontier], "-", color=colours[method],
+                label=method)
+    for r in test:
+        ax.errorbar(r["ppl_ratio"], r["concept_score"],
+                    xerr=[[r["ppl_ratio"] - r["ppl_ratio_low"]], [r["ppl_ratio_high"] - r["ppl_ratio"]]],
+                    yerr=[[r["concept_score"] - r["concept_score_low"]], [r["concept_score_high"] - r["concept_score"]]],
+                    fmt="*", ms=11, color=colours.get(r["method"], "black"), mec="black", capsize=2)
+    ax.axvline(budget, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity / unsteered perplexity (log)")
+    ax.set_ylabel("concept score (classifier)")
+    ax.set_title(f"{concept_word(concept)}: dev sweep (lines) and test operating points (stars, 95% CI)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path, args, classifiers: dict, dev_rows: list[dict], test_rows: list[dict]) -> str:
+    lines = [f"# Steering frontier ({args.model}, sampling {args.sampling}: {SAMPLING[args.sampling]})", "",
+             f"{args.n_prompts} neutral prompts, half to choose each method's setting (dev), half to report it "
+             f"(test); {args.samples_per_prompt} samples each, {args.max_new_tokens} new tokens. Operating point: "
+             f"the highest dev concept score within {args.ppl_budget:g}x the unsteered perplexity. Intervals: "
+             f"95% bootstrap over test prompts.", ""]
+    for concept, clf in classifiers.items():
+        mine = [r for r in test_rows if r["concept"] == concept]
+        lines += [f"## {concept_word(concept)}", "",
+                  f"Classifier held-out accuracy {clf.held_out_accuracy:.3f} ({clf.n_held_out} sentences).", "",
+                  "| method | setting (chosen on dev) | concept score [95% CI] | perplexity ratio [95% CI] | p(word) | distinct-2 |",
+                  "|---|---|---|---|---|---|"]
+        for r in mine:
+            lines.append(
+                f"| {r['method']}{' (best variant)' if r.get('best_variant') else ''} | {r['setting']} | "
+                f"{r['concept_score']:.2f} [{r['concept_score_low']:.2f}, {r['concept_score_high']:.2f}] | "
+                f"{r['ppl_ratio']:.2f} [{r['ppl_ratio_low']:.2f}, {r['ppl_ratio_high']:.2f}] | {r['p_word']:.2f} | "
+                f"{r['distinct2']:.2f} |")
+        missing = sorted({r["method"] for r in dev_rows if r["concept"] == concept} - {r["method"] for r in mine})
+        if missing:
+            lines.append(f"\nNo setting within the budget on dev: {', '.join(missing)}.")
+        lines += ["", f"![frontier](frontier_{RunFolder.cell_id(concept=concept)}.png)", ""]
+    text = "\n".join(lines) + "\n"
+    write_text(out / "report.md", text)
+    return text
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    halves = split_prompts(args)
+    settings = {k: getattr(args, k) for k in ("model", "concepts", "n_prompts", "samples_per_prompt",
+                                              "max_new_tokens", "sampling", "seed", "scorer")}
+    run = RunFolder(args.out, settings)
+    model = LazyModel(args.model)
+    expert_set = experts_for(model, run.root, args.experts, args.concepts, args.concept, args.cache_dir)
+    names = concept_names(expert_set, args.concept)
+    concepts = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
+    grid = {m: args.grid.get(m, g) for m, g in default_grid(len(expert_set.sites)).items() if m in args.methods}
+    steering = Steering(model, expert_set, concepts, run.root)
+    scorer = cross_scorer(args.model, args.scorer)
+    if scorer is None:
+        raise SystemExit("The frontier needs a perplexity scorer; pass --scorer MODEL (not 'none').")
+
+    def cell(concept, half, method, setting) -> list[dict]:
+        name = cell_name(concept, half, method, setting)
+        if not run.done(name):
+            rows = run_cell(steering.build(concept, method, setting), scorer, halves[half], args)
+            run.write_cell(name, rows)
+        return run.read_cell(name)
+
+    classifiers = {c: ConceptClassifier.fit(concepts[c], seed=args.seed) for c in names}
+    dev_rows, test_rows = [], []
+    for concept in names:
+        words = concept_words(concept_word(concept))
+        base = {half: cell(concept, half, "base", {}) for half in halves}
+        todo = [(m, s) for m, settings_ in grid.items() for s in settings_]
+        for method, setting in tqdm(todo, desc=f"{concept_word(concept)} dev sweep", unit="cell"):
+            rows = cell(concept, "dev", method, setting)
+            dev_rows.append(dict(concept=concept, half="dev", method=method, setting=json.dumps(setting),
+                                 **cell_metrics(rows, base["dev"], classifiers[concept], words, args)))
+        chosen = {}
+        for method in grid:
+            point = choose([r for r in dev_rows if r["concept"] == concept and r["method"] == method], args.ppl_budget)
+            if point is not None:
+                chosen[method] = point
+        variants = [m for m in EXPERT_VARIANTS if m in chosen]
+        best_variant = max(variants, key=lambda m: chosen[m]["concept_score"]) if variants else None
+        test_rows.append(dict(concept=concept, half="test", method="base", setting="{}",
+                              **cell_metrics(base["test"], base["test"], classifiers[concept], words, args)))
+        for method, point in chosen.items():
+            setting = json.loads(point["setting"])
+            rows = cell(concept, "test", method, setting)
+            test_rows.append(dict(concept=concept, half="test", method=method, setting=point["setting"],
+                                  best_variant=method == best_variant,
+                                  **cell_metrics(rows, base["test"], classifiers[concept], words, args)))
+        plot_frontier(concept, [r for r in dev_rows if r["concept"] == concept],
+                      [r for r in test_rows if r["concept"] == concept], args.ppl_budget,
+                      run.root / f"frontier_{RunFolder.cell_id(concept=concept)}.png")
+    write_csv(run.root / "frontier.csv", dev_rows + test_rows)
+    write_csv(run.root / "operating_points.csv", test_rows)
+    text = report(run.root, args, classifiers, dev_rows, test_rows)
+    print(text)
+    return {"dev": dev_rows, "test": test_rows,
+            "classifier_accuracy": {c: clf.held_out_accuracy for c, clf in classifiers.items()}}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""DiffMean: steering along the difference of mean residual activations.
+
+The simplest residual baseline of AxBench (Wu et al. 2025), here so that expert
+steering is always compared with it on the same footing:
+
+* :func:`residual_means` runs the model once over a concept's sentences and keeps,
+  for every layer, the mean residual-stream activation (the decoder block's
+  output) over the non-special tokens of the positives and of the negatives, and
+  the median token norm (L2, activation units) -- one pass serves every layer.
+* The direction at layer l is ``v_l = mean_pos_l - mean_neg_l``, unit-normalised.
+* :func:`steer_diffmean` adds ``factor x norm_l x v_l`` at every position, prompt
+  and generated tokens alike, through a pyvene
+  :class:`~steer_experts.interventions.AdditionIntervention` on the block output;
+  ``norm_l`` is the layer's median token norm, so ``factor`` is a fraction of a
+  typical activation and comparable across layers. (The median, not the mean:
+  from layer 11 on, SmolLM2's first token carries a norm about 20x the others'.)
+
+:func:`unit_alignment` tells how much each expert neuron writes along the
+DiffMean direction of its own layer: the cosine between its ``down_proj``
+column and ``v_l``. :func:`aligned_scores` combines it with AP, so that expert
+steering can prefer experts that push the residual stream the way the concept
+does (``steer(..., scores=aligned_scores(...))``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write
+from .concepts import Concept
+from .experts import ExpertSet, ModelMismatchError
+from .interventions import AdditionIntervention
+from .models import LoadedModel, UnitSite, decoder_stack, locate_residual_stream
+from .steering import SteeredModel, checked_sites
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ResidualMeans:
+    """Mean residual activations of one concept's positives and negatives, every layer.
+
+    Arrays are float64: ``positive_mean``/``negative_mean`` (layers, hidden) and
+    ``token_norm`` (layers,), the median L2 norm of a token's activation over all the
+    tokens counted; all in activation units. ``n_positive_tokens`` and
+    ``n_negative_tokens`` count the tokens averaged.
+    """
+
+    concept: str
+    positive_mean: np.ndarray
+    negative_mean: np.ndarray
+    token_norm: np.ndarray
+    n_positive_tokens: int
+    n_negative_tokens: int
+    model_name: str
+    model_fingerprint: str
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers."""
+        return len(self.token_norm)
+
+    def direction(self, layer: int) -> np.ndarray:
+        """The unit DiffMean direction at ``layer`` (mean positive minus mean negative), float64."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers}); got {layer!r}.")
+        diff = self.positive_mean[layer] - self.negative_mean[layer]
+        return diff / np.linalg.norm(diff)
+
+    def save(self, path: str | Path) -> Path:
+        """Write to one safetensors file (arrays, with the rest as JSON metadata), atomically."""
+        meta = {"format_version": FORMAT_VERSION, "concept": self.concept, "model_name": self.model_name,
+                "model_fingerprint": self.model_fingerprint, "n_positive_tokens": self.n_positive_tokens,
+                "n_negative_tokens": self.n_negative_tokens}
+        arrays = {"positive_mean": self.positive_mean, "negative_mean": self.negative_mean,
+                  "token_norm": self.token_norm}
+        return atomic_write(path, lambda p: save_file(arrays, str(p), metadata={"json": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ResidualMeans":
+        """Read what :meth:`save` wrote (no pickle)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads(f.metadata()["json"])
+        if meta.pop("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: residual means of another format version; recompute them.")
+        return cls(**load_file(str(path)), **meta)
+
+
+@torch.no_grad()
+def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 128, batch_size: int = 32,
+                   progress: bool = True) -> ResidualMeans:
+    """Mean block-output activations of ``concept``'s positives and negatives, at every layer.
+
+    Special tokens (BOS, padding) are left out, as AxBench drops the prefix tokens.
+    Sentences are cut at ``max_length`` tokens and batched by length. Raises ValueError
+    without negatives.
+    """
+    if not concept.negatives:
+        raise ValueError(f"Concept {concept.name!r} has no negatives; DiffMean needs both sides. "
+                         "Sample them first (ConceptSet.with_sampled_negatives).")
+    sites = locate_residual_stream(model.model)
+    hidden = sites[0].width
+    sums = np.zeros((2, len(sites), hidden))
+    norms: list[list[torch.Tensor]] = [[] for _ in sites]
+    counts = [0, 0]
+    tokenizer = model.tokenizer
+    special = torch.tensor(sorted(tokenizer.all_special_ids))
+    stack = decoder_stack(model.model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def hook(_module, _args, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [model.model.get_submodule(s.module_path).register_forward_hook(keep(s.layer)) for s in sites]
+    try:
+        for side, sentences in enumerate((concept.positives, concept.negatives)):
+            lengths = [len(ids) for ids in tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]]
+            sentences = [sentences[i] for i in np.argsort(lengths, kind="stable")]  # less padding
+            starts = range(0, len(sentences), batch_size)
+            for start in tqdm(starts, desc=f"residual means ({'positives' if side == 0 else 'negatives'})",
+                              unit="batch", disable=not progress):
+                enc = tokenizer(list(sentences[start:start + batch_size]), return_tensors="pt", padding=True,
+                                truncation=True, max_length=max_length)
+                enc = {key: value.to(model.device) for key, value in enc.items()}
+                stack(**enc)
+                mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special.to(model.device))
+                counts[side] += int(mask.sum())
+                for layer in range(len(sites)):
+                    tokens = captured[layer][mask].double()
+                    sums[side, layer] += tokens.sum(dim=0).cpu().numpy()
+                    norms[layer].append(tokens.norm(dim=1).float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    if min(counts) == 0:
+        raise ValueError(f"Concept {concept.name!r} has a side with no ordinary token to average.")
+    token_norm = np.array([float(torch.cat(n).median()) for n in norms])
+    return ResidualMeans(concept.name, sums[0] / counts[0], sums[1] / counts[1], token_norm,
+                         counts[0], counts[1], model.name, model.fingerprint)
+
+
+def unit_alignment(model: LoadedModel, experts: ExpertSet, means: ResidualMeans) -> np.ndarray:
+    """Per unit of ``experts`` (float64, in [-1, 1]): the cosine between the unit's ``down_proj``
+    column (what it writes to the residual stream) and the DiffMean direction of its layer."""
+    experts.check_model(model)
+    if means.model_fingerprint != model.fingerprint:
+        raise ModelMismatchError(f"The residual means of {means.concept!r} come from another model.")
+    out = np.empty(experts.n_units)
+    offset = 0
+    for site in experts.sites:
+        module = model.model.get_submodule(site.module_path)
+        weight = module.weight.detach().double().cpu()
+        # (width, hidden): nn.Linear stores (out, in), gpt2's Conv1D (in, out).
+        columns = weight.T if isinstance(module, torch.nn.Linear) else weight
+        direction = torch.from_numpy(means.direction(site.layer))
+        out[offset:offset + site.width] = (torch.nn.functional.normalize(columns, dim=1) @ direction).numpy()
+        offset += site.width
+    return out
+
+
+def aligned_scores(model: LoadedModel, experts: ExpertSet, means: ResidualMeans) -> np.ndarray:
+    """Per unit (float64, >= 0): AP x the expected push along the concept's DiffMean direction.
+
+    The push of unit u at layer l is ``(on_p50 - off_mean) * <column_u, v_l> / norm_l``: how far
+    moving the unit from its usual value on negatives to its value on the concept moves the
+    residual stream along ``v_l``, as a fraction of a typical token norm. Units that push the
+    other way score 0. Pass the result to ``steer(..., scores=...)`` to rank experts by it.
+    """
+    c = experts.concept_index(means.concept)
+    e = experts.expertise
+    columns_norm = np.concatenate([_column_norms(model, site) for site in experts.sites])
+    push = ((e.on_p50[c] - e.off_mean[c]) * unit_alignment(model, experts, means) * columns_norm
+            / means.token_norm[experts.layer])
+    return e.ap[c] * np.maximum(push, 0.0)
+
+
+def _column_norms(model: LoadedModel, site: UnitSite) -> np.ndarray:
+    module = model.model.get_submodule(site.module_path)
+    weight = module.weight.detach().double().cpu()
+    return (weight.norm(dim=0) if isinstance(module, torch.nn.Linear) else weight.norm(dim=1)).numpy()
+
+
+class DiffMeanSteeredModel(SteeredModel):
+    """A model steered by adding a DiffMean direction to one layer's residual stream.
+
+    Attributes (besides :class:`SteeredModel`'s): ``concept``, ``layer``, ``factor``,
+    ``norm`` (the layer's median token norm) and ``direction`` (unit, float32);
+    the vector added is ``factor * norm * direction``.
+    """
+
+    method = "diffmean"
+
+    def __init__(self, base: LoadedModel, concept: str, layer: int, factor: float, norm: float,
+                 direction: np.ndarray, positions: str = "all"):
+        if not (np.isfinite(factor) and np.isfinite(norm) and norm >= 0):
+            raise ValueError(f"factor and norm must be finite (norm >= 0); got {factor!r}, {norm!r}.")
+        sites = locate_residual_stream(base.model)
+        if not 0 <= layer < len(sites):
+            raise ValueError(f"layer must be in [0, {len(sites)}); got {layer!r}.")
+        direction = np.asarray(direction, dtype=np.float32)
+        if direction.shape != (sites[layer].width,) or not np.isfinite(direction).all():
+            raise ValueError(f"direction must be {sites[layer].width} finite numbers; got shape {direction.shape}.")
+        self.concept, self.layer, self.factor, self.norm = concept, int(layer), float(factor), float(norm)
+        self.direction = direction
+        self.site: UnitSite = sites[layer]
+        vector = torch.from_numpy(self.factor * self.norm * direction)
+        super().__init__(base, {self.site: AdditionIntervention(source_representation=vector)}, positions)
+
+    def __repr__(self) -> str:
+        return (f"SteeredModel({self.base.name!r}, DiffMean {self.concept} at layer {self.layer}, "
+                f"factor {self.factor:g} x norm {self.norm:.3g})")
+
+    def method_config(self) -> dict:
+        """Concept, layer, factor, norm and the site."""
+        return {"concept": self.concept, "layer": self.layer, "factor": self.factor, "norm": self.norm,
+                "site": {"layer": self.site.layer, "module_path": self.site.module_path, "width": self.site.width,
+                         "port": self.site.port}}
+
+    def method_arrays(self) -> dict[str, np.ndarray]:
+        """The unit direction."""
+        return {"direction": self.direction}
+
+    @classmethod
+    def from_saved(cls, model: LoadedModel, config: dict, arrays: dict[str, np.ndarray]) -> "DiffMeanSteeredModel":
+        """Rebuild from the saved direction, checking that the residual site exists in ``model``."""
+        checked_sites(model, [config["site"]], locate_residual_stream(model.model))
+        return cls(model, config["concept"], int(config["layer"]), float(config["factor"]), float(config["norm"]),
+                   arrays["direction"], config["positions"])
+
+
+def steer_diffmean(model: LoadedModel, means: ResidualMeans, layer: int, factor: float,
+                   positions: str = "all") -> DiffMeanSteeredModel:
+    """Steer ``model`` by adding ``factor`` x (median token norm) x the unit DiffMean direction of
+    ``means`` at ``layer``'s block output. ``factor`` is a fraction of a typical activation
+    (AxBench sweeps 0.2-5 of the concept's largest projection; here about 0.05-0.5 of the norm).
+
+    Raises ModelMismatchError when ``means`` come from another model, ValueError for a bad layer.
+    """
+    if means.model_fingerprint != model.fingerprint:
+        raise ModelMismatchError(
+            f"These residual means were computed on {means.model_name!r}, not on {model.name!r}; "
+            "run residual_means on this model.")
+    if not 0 <= layer < means.n_layers:
+        raise ValueError(f"layer must be in [0, {means.n_layers}); got {layer!r}.")
+    return DiffMeanSteeredModel(model, means.concept, layer, factor, float(means.token_norm[layer]),
+                                means.direction(layer), positions)

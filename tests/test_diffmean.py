@@ -1,0 +1,122 @@
+"""DiffMean: residual means against hidden states, the addition against a plain hook, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from steer_experts.concepts import Concept
+from steer_experts.diffmean import (
+    ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_alignment,
+)
+from steer_experts.experts import ModelMismatchError
+from steer_experts.models import LoadedModel, locate_residual_stream
+from steer_experts.steering import SteeredModel
+
+from .test_interventions import prompt_ids, synthetic_experts, tiny_llama  # noqa: F401 (a fixture)
+
+CONCEPT = Concept("football", ("The striker scored a goal.", "Fans filled the stadium", "A penalty kick"),
+                  ("The cat slept.", "Rain fell on the quiet town all night long", "Tea"))
+
+
+def _hidden_state_means(loaded, concept):
+    """Independent: transformers' own hidden states, one sentence at a time, no padding."""
+    sums, counts, norms = None, [0, 0], []
+    for side, sentences in enumerate((concept.positives, concept.negatives)):
+        for sentence in sentences:
+            enc = loaded.tokenizer(sentence, return_tensors="pt")
+            with torch.no_grad():
+                states = loaded.model(**enc, output_hidden_states=True).hidden_states[1:]
+            keep = ~torch.isin(enc["input_ids"][0], torch.tensor(loaded.tokenizer.all_special_ids))
+            layer_tokens = torch.stack([h[0, keep] for h in states]).double()  # (layers, tokens, hidden)
+            if sums is None:
+                sums = np.zeros((2,) + (layer_tokens.shape[0], layer_tokens.shape[2]))
+            sums[side] += layer_tokens.sum(dim=1).numpy()
+            counts[side] += int(keep.sum())
+            norms.append(layer_tokens.norm(dim=2))
+    return sums[0] / counts[0], sums[1] / counts[1], torch.cat(norms, dim=1).float().median(dim=1).values.numpy()
+
+
+def test_residual_means_equal_hidden_states(tiny_model):
+    means = residual_means(tiny_model, CONCEPT, batch_size=2, progress=False)
+    pos, neg, norm = _hidden_state_means(tiny_model, CONCEPT)
+    # the last hidden state is after the final norm in transformers: compare the blocks before it
+    np.testing.assert_allclose(means.positive_mean[:-1], pos[:-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(means.negative_mean[:-1], neg[:-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(means.token_norm[:-1], norm[:-1], rtol=1e-4)
+    assert means.n_positive_tokens == sum(len(tiny_model.tokenizer(s)["input_ids"]) for s in CONCEPT.positives)
+    direction = means.direction(0)
+    assert np.isclose(np.linalg.norm(direction), 1.0)
+    assert np.allclose(direction * np.linalg.norm(pos[0] - neg[0]), pos[0] - neg[0], atol=1e-5)
+
+
+def test_addition_equals_plain_hook(tiny_model):
+    means = residual_means(tiny_model, CONCEPT, progress=False)
+    steered = steer_diffmean(tiny_model, means, layer=1, factor=0.5)
+    vector = torch.from_numpy((0.5 * means.token_norm[1] * means.direction(1)).astype(np.float32))
+    site = locate_residual_stream(tiny_model.model)[1]
+
+    def add(_module, _args, output):
+        if isinstance(output, tuple):
+            return (output[0] + vector,) + tuple(output[1:])
+        return output + vector
+
+    ids = prompt_ids(tiny_model, batch=2, length=4)
+    for seed, sampling in ((0, {"do_sample": False}), (2, {"do_sample": True, "top_k": 10})):
+        handle = tiny_model.model.get_submodule(site.module_path).register_forward_hook(add)
+        try:
+            torch.manual_seed(seed)
+            want = tiny_model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                             pad_token_id=tiny_model.tokenizer.pad_token_id, **sampling)
+        finally:
+            handle.remove()
+        assert torch.equal(steered.generate(ids, seed=seed, max_new_tokens=6, **sampling), want)
+    with torch.no_grad():  # the addition must act, or the equality proves nothing
+        assert not torch.allclose(steered(input_ids=ids).logits, tiny_model.model(ids).logits)
+
+
+def test_save_load_generates_the_same_tokens(tiny_llama, tmp_path):
+    means = residual_means(tiny_llama, CONCEPT, progress=False)
+    means.save(tmp_path / "means.safetensors")
+    again = ResidualMeans.load(tmp_path / "means.safetensors")
+    assert np.array_equal(again.positive_mean, means.positive_mean) and again.concept == "football"
+    steered = steer_diffmean(tiny_llama, again, layer=0, factor=2.0)
+    folder = steered.save_pretrained(tmp_path / "steered")
+    reloaded = SteeredModel.from_pretrained(folder, tiny_llama)
+    assert type(reloaded).__name__ == "DiffMeanSteeredModel" and reloaded.layer == 0 and reloaded.factor == 2.0
+    prompts = ["Hello there", "A cat sat"]
+    want = steered.complete(prompts, max_new_tokens=8, do_sample=True, top_k=10, seed=3)
+    assert reloaded.complete(prompts, max_new_tokens=8, do_sample=True, top_k=10, seed=3) == want
+    plain = steer_diffmean(tiny_llama, again, layer=0, factor=0.0)
+    assert plain.complete(prompts, max_new_tokens=8, do_sample=True, top_k=10, seed=3) != want
+    assert "DiffMean" in (folder / "README.md").read_text()
+
+
+def test_refuses_other_model_and_bad_layer(tiny_llama):
+    means = residual_means(tiny_llama, CONCEPT, progress=False)
+    other = LoadedModel(tiny_llama.model, tiny_llama.tokenizer, "impostor", "1" * 32)
+    with pytest.raises(ModelMismatchError, match="impostor"):
+        steer_diffmean(other, means, 0, 1.0)
+    with pytest.raises(ValueError, match="layer must be in"):
+        steer_diffmean(tiny_llama, means, 7, 1.0)
+    with pytest.raises(ValueError, match="no negatives"):
+        residual_means(tiny_llama, Concept("x", ("a b",), ()), progress=False)
+
+
+def test_alignment_is_the_cosine_of_down_proj_columns(tiny_model):
+    means = residual_means(tiny_model, CONCEPT, progress=False)
+    experts = synthetic_experts(tiny_model)
+    alignment = unit_alignment(tiny_model, experts, means)
+    assert alignment.shape == (experts.n_units,) and np.all(np.abs(alignment) <= 1 + 1e-9)
+    site = experts.sites[1]
+    module = tiny_model.model.get_submodule(site.module_path)
+    weight = module.weight.detach().double()
+    column = (weight[:, 3] if isinstance(module, torch.nn.Linear) else weight[3]).numpy()
+    d = means.positive_mean[1] - means.negative_mean[1]
+    want = column @ d / np.linalg.norm(column) / np.linalg.norm(d)
+    assert np.isclose(alignment[experts.unit_index(1, 3)], want)
+    scores = aligned_scores(tiny_model, experts, means)
+    c = experts.concept_index("football")
+    push = (experts.expertise.on_p50[c] - experts.expertise.off_mean[c]) * alignment
+    assert np.all(scores >= 0) and np.all((scores > 0) == (push > 0))

@@ -1,0 +1,66 @@
+"""The steering-frontier recipe end to end at CI size, on the real SmolLM2 and the example concepts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from steer_experts.concepts import ConceptSet
+from steer_experts.evaluation import concept_presence, concept_words
+from steer_experts.evaluation.concept_score import ConceptClassifier
+from steer_experts.steering import SteeredModel
+
+from .test_recipes_induction import EXAMPLES, example_experts, is_png, no_generation, read_csv, recipe  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+GRID = {"experts": [{"k": 3, "alpha": 1.0}, {"k": 30, "alpha": 1.0}], "experts_late": [{"k": 3}],
+        "experts_clamp": [{"k": 3}], "experts_aligned": [{"k": 3}], "random": [{"k": 3}],
+        "diffmean": [{"layer": 15, "factor": 0.2}, {"layer": 25, "factor": 0.8}]}
+
+
+def test_steering_frontier(example_experts, tmp_path, monkeypatch):
+    frontier = recipe("steering_frontier")
+    out = tmp_path / "frontier"
+    argv = ["--out", str(out), "--experts", str(example_experts), "--concepts", str(EXAMPLES), "--concept", "football",
+            "--n-prompts", "4", "--samples-per-prompt", "2", "--max-new-tokens", "5", "--scorer", "smollm2-135m",
+            "--n-boot", "100", "--grid", json.dumps(GRID)]
+    summary = frontier.main(argv)
+
+    dev = [r for r in read_csv(out / "frontier.csv") if r["half"] == "dev"]
+    assert sorted(r["method"] for r in dev) == sorted([m for m, settings in GRID.items() for _ in settings] + ["prompt"])
+    assert summary["classifier_accuracy"]["football"] >= 0.5
+    football = ConceptSet.load(EXAMPLES).with_sampled_negatives(seed=0)["football"]
+    classifier = ConceptClassifier.fit(football, seed=0)
+    halves = frontier.split_prompts(frontier.parse_args(argv))
+    assert set(halves["dev"]).isdisjoint(halves["test"]) and len(halves["dev"]) == len(halves["test"]) == 2
+    for row in summary["dev"]:
+        setting = json.loads(row["setting"])
+        cell = [json.loads(line) for line in (out / "cells" / f"{frontier.cell_name('football', 'dev', row['method'], setting)}.jsonl").read_text().splitlines()]
+        texts = [c["text"] for c in cell]
+        assert {c["prompt"] for c in cell} == set(halves["dev"]) and len(cell) == 4
+        # independent recomputation of the point estimates (all prompts have the same number of samples)
+        assert row["concept_score"] == pytest.approx(classifier.probabilities(texts).mean(), abs=1e-9)
+        assert row["p_word"] == pytest.approx(concept_presence(texts, concept_words("football")).mean())
+        base = [json.loads(line) for line in (out / "cells" / f"{frontier.cell_name('football', 'dev', 'base', {})}.jsonl").read_text().splitlines()]
+        assert row["ppl_ratio"] == pytest.approx(np.mean([c["ppl"] for c in cell]) / np.mean([c["ppl"] for c in base]))
+        for name in ("concept_score", "ppl_ratio", "p_word"):
+            assert row[f"{name}_low"] <= row[name] + 1e-12 and row[name] <= row[f"{name}_high"] + 1e-12
+
+    # each method's test point is its best dev cell within the budget, and nothing else is reported
+    for method in GRID.keys() | {"prompt"}:
+        mine = [r for r in summary["dev"] if r["method"] == method and r["ppl_ratio"] <= 2.0]
+        tested = [r for r in summary["test"] if r["method"] == method]
+        if mine:
+            best = max(mine, key=lambda r: (r["concept_score"], -r["ppl_ratio"]))
+            assert [t["setting"] for t in tested] == [best["setting"]]
+        else:
+            assert not tested
+    assert sum(bool(r.get("best_variant")) for r in summary["test"]) <= 1
+    assert "| method |" in (out / "report.md").read_text() and is_png(out / "frontier_football.png")
+
+    monkeypatch.setattr(SteeredModel, "complete", no_generation)
+    again = frontier.main(argv)  # resumes: every cell is on disk
+    assert [r["concept_score"] for r in again["dev"]] == [r["concept_score"] for r in summary["dev"]]
