@@ -2,6 +2,8 @@
 
 The modules follow the pipeline, in the order a newcomer should read them:
 concepts -> models -> responses -> expertise -> experts -> interventions -> steering -> hub.
+Other steering methods sit beside expert steering (diffmean, prompting), and
+calibration chooses an expert operating point; evaluation/ measures generations.
 """
 
 from .concepts import Concept, ConceptDataError, ConceptSet
@@ -10,7 +12,10 @@ from .responses import Responses, collect_responses
 from .expertise import Expertise, compute_expertise
 from .experts import ExpertSelection, ExpertSet, ModelMismatchError, discover
 from .interventions import ExpertIntervention
-from .steering import SteeredModel, steer
+from .steering import ExpertSteeredModel, SteeredModel, steer
+from .diffmean import ResidualMeans, residual_means, steer_diffmean
+from .prompting import steer_prompt
+from .calibration import calibrate
 from .hub import HubUnavailableError
 
 __all__ = [
@@ -20,7 +25,8 @@ __all__ = [
     "Expertise", "compute_expertise",
     "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",
     "ExpertIntervention",
-    "SteeredModel", "steer",
+    "ExpertSteeredModel", "SteeredModel", "steer",
+    "ResidualMeans", "residual_means", "steer_diffmean", "steer_prompt", "calibrate",
     "HubUnavailableError",
 ]
 __version__ = "0.1.0"
