@@ -4,8 +4,9 @@ The modules follow the pipeline, in the order a newcomer should read them:
 concepts -> models -> responses -> expertise -> experts -> interventions -> steering -> hub.
 """
 
+from .errors import CorruptFileError, InvalidArgumentError, OutputFolderError, SteerExpertsError
 from .concepts import Concept, ConceptDataError, ConceptSet
-from .models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model, locate_units, register_unit_kind
+from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, ModelNotFoundError, load_model, locate_units, register_unit_kind
 from .responses import Responses, collect_responses
 from .expertise import Expertise, compute_expertise
 from .experts import ExpertSelection, ExpertSet, ModelMismatchError, discover
@@ -14,8 +15,9 @@ from .steering import SteeredModel, steer
 from .hub import HubUnavailableError
 
 __all__ = [
+    "SteerExpertsError", "CorruptFileError", "InvalidArgumentError", "OutputFolderError",
     "Concept", "ConceptDataError", "ConceptSet",
-    "DEFAULT_MODEL", "LoadedModel", "ModelNotFoundError", "load_model", "locate_units", "register_unit_kind",
+    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "ModelNotFoundError", "load_model", "locate_units", "register_unit_kind",
     "Responses", "collect_responses",
     "Expertise", "compute_expertise",
     "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",

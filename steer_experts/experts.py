@@ -18,21 +18,26 @@ from typing import Sequence
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from .atomic import atomic_write
+from .atomic import atomic_write, claim_output_folder
 from .concepts import ConceptSet, resolve_concept
+from .errors import CorruptFileError, InvalidArgumentError, SteerExpertsError
 from .expertise import Expertise, compute_expertise
-from .models import LoadedModel, UnitSite
+from .integrity import STAMP_KEY, check_finite, check_unit_interval, header_metadata, load_verified, stamp
+from .models import LoadedModel, UnitSite, locate_units
 from .responses import collect_responses
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: JSON and safetensors carry a shared save id and the arrays' content hash
 VALUE_STATS = ("on_p50", "on_mean", "on_p90", "off_mean", "zero")
 WEIGHTS_NAME = "expert_set.safetensors"
 CONFIG_NAME = "expert_set.json"
+FIGURE_NAME = "ap_by_layer.png"
+# What save_pretrained and `steer-experts discover` write: a folder holding only these is ours.
+SAVED_NAMES = (WEIGHTS_NAME, CONFIG_NAME, FIGURE_NAME)
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(SteerExpertsError, ValueError):
     """Raised when experts are used with a model other than the one they were found on."""
 
 
@@ -137,6 +142,12 @@ class ExpertSet:
                 f"but the model given is {model.name!r} (fingerprint {model.fingerprint[:12]}). "
                 "Run discovery on this model, or load the model the experts came from."
             )
+        actual = [(s.layer, s.module_path, s.width) for s in locate_units(model.model, self.unit_kind)]
+        if actual != [(s.layer, s.module_path, s.width) for s in self.sites]:
+            raise ModelMismatchError(
+                f"These experts' units ({len(self.sites)} layers, {self.n_units} units) are not the "
+                f"{self.unit_kind} units of {model.name!r} ({len(actual)} layers, {sum(a[2] for a in actual)} units)."
+            )
 
     # ------------------------------------------------------------------ selection
     def _selection(self, c: int, units: np.ndarray, how: str) -> ExpertSelection:
@@ -224,10 +235,13 @@ class ExpertSet:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``expert_set.safetensors`` (statistics) and ``expert_set.json`` (everything else) atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``expert_set.safetensors`` (statistics) and ``expert_set.json`` (everything else) atomically.
+
+        Both carry one save id and the content hash of the statistics, checked by
+        :meth:`from_pretrained`. A folder holding other files is refused unless ``overwrite=True``.
+        """
+        folder = claim_output_folder(folder, SAVED_NAMES, overwrite=overwrite, what="expert set")
         e = self.expertise
         tensors = {stat: np.ascontiguousarray(getattr(e, stat)) for stat in Expertise.STATS}
         tensors["n_positives"] = np.asarray(e.n_positives, dtype=np.int64)
@@ -238,7 +252,8 @@ class ExpertSet:
             "sites": [{"layer": s.layer, "module_path": s.module_path, "width": s.width} for s in self.sites],
             "metadata": self.metadata,
         }
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        config[STAMP_KEY] = stamp(tensors, config)
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=header_metadata(config[STAMP_KEY])))
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
         return folder
 
@@ -249,21 +264,33 @@ class ExpertSet:
 
         folder = resolve_folder(folder_or_repo, [CONFIG_NAME, WEIGHTS_NAME], what="expert set")
         try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
-            tensors = load_file(str(folder / WEIGHTS_NAME))
-            if config.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+                version = config.get("format_version") if isinstance(config, dict) else None
+                raise ValueError(f"format_version {version!r}, expected {FORMAT_VERSION}")
+            tensors = load_verified(folder / WEIGHTS_NAME, config, what="expert set")
             expertise = Expertise(concepts=list(config["concepts"]), **{s: tensors[s] for s in Expertise.STATS},
                                   n_positives=tensors["n_positives"], n_negatives=tensors["n_negatives"])
+            if not all(isinstance(c, str) for c in expertise.concepts):
+                raise ValueError("concept names must be strings")
             sites = [UnitSite(**s) for s in config["sites"]]
+            if any(not isinstance(s.width, int) or s.width < 1 for s in sites):
+                raise ValueError("every site needs a positive integer width")
             shapes = {tensors[s].shape for s in Expertise.STATS}
             if shapes != {(len(expertise.concepts), sum(s.width for s in sites))}:
                 raise ValueError(f"statistic shapes {shapes} do not match the concepts and sites")
+            counts = (len(expertise.concepts),)
+            if tensors["n_positives"].shape != counts or tensors["n_negatives"].shape != counts:
+                raise ValueError("n_positives / n_negatives do not match the concepts")
+            if (tensors["n_positives"] < 1).any() or (tensors["n_negatives"] < 1).any():
+                raise ValueError("every concept needs at least one positive and one negative")
+            check_unit_interval(tensors, ("ap", "auroc"), str(folder))
+            check_finite(tensors, Expertise.STATS, str(folder))
             expert_set = cls(expertise, sites, config["model_name"], config["model_fingerprint"],
                              config["unit_kind"], config.get("metadata"))
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
-            raise ValueError(f"{folder} is not a valid expert set ({type(err).__name__}: {err}). "
-                             "Re-create it with ExpertSet.save_pretrained or `steer-experts discover`.") from None
+            raise CorruptFileError(f"{folder} is not a valid expert set ({type(err).__name__}: {err}). "
+                                   "Re-create it with ExpertSet.save_pretrained or `steer-experts discover`.") from None
         if model is not None:
             expert_set.check_model(model)
         return expert_set
