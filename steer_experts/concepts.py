@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgumentError, SteerExpertsError
+from .errors import InvalidArgumentError, SteerExpertsError, UnknownConceptError
 
 
 class ConceptDataError(SteerExpertsError, ValueError):
@@ -55,7 +55,7 @@ def resolve_concept(query: str, names: Sequence[str]) -> str:
     if len(matches) == 1:
         return matches[0]
     why = f"is ambiguous ({matches})" if matches else "is unknown"
-    raise KeyError(f"Concept {query!r} {why}. Known concepts: {list(names)}")
+    raise UnknownConceptError(f"Concept {query!r} {why}. Known concepts: {list(names)}")
 
 
 @dataclass

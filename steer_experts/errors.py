@@ -23,3 +23,14 @@ class OutputFolderError(SteerExpertsError, FileExistsError):
 
 class CorruptFileError(SteerExpertsError, ValueError):
     """A saved file (expert set, steered model, cache) is truncated, altered or inconsistent."""
+
+
+class UnknownConceptError(SteerExpertsError, KeyError):
+    """A concept name that the data or expert set does not hold (or that matches several)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted, as a repr
+        return str(self.args[0]) if self.args else ""
+
+
+class UnitNotFoundError(SteerExpertsError, IndexError):
+    """A (layer, neuron) that is not a unit of the expert set."""

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from .atomic import atomic_write, claim_output_folder
 from .concepts import ConceptSet, resolve_concept
-from .errors import CorruptFileError, InvalidArgumentError, SteerExpertsError
+from .errors import CorruptFileError, InvalidArgumentError, SteerExpertsError, UnitNotFoundError
 from .expertise import Expertise, compute_expertise
 from .integrity import STAMP_KEY, check_finite, check_unit_interval, header_metadata, load_verified, stamp
 from .models import LoadedModel, UnitSite, locate_units
@@ -39,6 +39,13 @@ SAVED_NAMES = (WEIGHTS_NAME, CONFIG_NAME, FIGURE_NAME)
 
 class ModelMismatchError(SteerExpertsError, ValueError):
     """Raised when experts are used with a model other than the one they were found on."""
+
+
+def check_tau(tau) -> float:
+    """``tau`` if it is an AP threshold in [0, 1); :class:`InvalidArgumentError` otherwise (NaN too)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.number)) or not 0 <= tau < 1:
+        raise InvalidArgumentError(f"tau must be a number in [0, 1); got {tau!r}.")
+    return float(tau)
 
 
 @dataclass
@@ -68,7 +75,7 @@ class ExpertSelection:
     def values(self, stat: str = "on_p50") -> np.ndarray:
         """The value each unit is set to: one of ``VALUE_STATS`` (float32, activation units)."""
         if stat not in VALUE_STATS:
-            raise ValueError(f"Unknown value statistic {stat!r}; choose one of {VALUE_STATS}.")
+            raise InvalidArgumentError(f"Unknown value statistic {stat!r}; choose one of {VALUE_STATS}.")
         if stat == "zero":
             return np.zeros(len(self), dtype=np.float32)
         return getattr(self, stat).astype(np.float32)
@@ -98,7 +105,7 @@ class ExpertSet:
                  model_fingerprint: str, unit_kind: str = "mlp", metadata: dict | None = None):
         widths = [s.width for s in sites]
         if sum(widths) != expertise.ap.shape[1]:
-            raise ValueError(f"Sites hold {sum(widths)} units but expertise has {expertise.ap.shape[1]} columns.")
+            raise InvalidArgumentError(f"Sites hold {sum(widths)} units but expertise has {expertise.ap.shape[1]} columns.")
         self.expertise = expertise
         self.sites = list(sites)
         self.model_name = model_name
@@ -131,7 +138,7 @@ class ExpertSet:
     def unit_index(self, layer: int, neuron: int) -> int:
         """Global unit index of (layer, neuron)."""
         if layer not in self._layer_offset or not 0 <= neuron < self.sites[list(self._layer_offset).index(layer)].width:
-            raise IndexError(f"No unit at layer {layer}, neuron {neuron} in this {self.unit_kind} expert set.")
+            raise UnitNotFoundError(f"No unit at layer {layer}, neuron {neuron} in this {self.unit_kind} expert set.")
         return self._layer_offset[layer] + neuron
 
     def check_model(self, model: LoadedModel) -> None:
@@ -174,28 +181,27 @@ class ExpertSet:
         c = self.concept_index(concept)
         given = [name for name, v in (("k", k), ("tau", tau), ("per_layer", per_layer)) if v is not None]
         if len(given) != 1:
-            raise ValueError(f"Give exactly one of k, tau or per_layer; got {given or 'none'}.")
+            raise InvalidArgumentError(f"Give exactly one of k, tau or per_layer; got {given or 'none'}.")
         if control is not None and k is None:
-            raise ValueError("Controls are defined for a count: pass k with control=.")
+            raise InvalidArgumentError("Controls are defined for a count: pass k with control=.")
         ap = self.expertise.ap[c]
         if k is not None:
             if not isinstance(k, (int, np.integer)) or k < 0 or k > self.n_units:
-                raise ValueError(f"k must be an integer in [0, {self.n_units}] (the units available); got {k!r}.")
+                raise InvalidArgumentError(f"k must be an integer in [0, {self.n_units}] (the units available); got {k!r}.")
             if control == "random":
                 units = np.random.default_rng(seed).choice(self.n_units, size=k, replace=False)
                 return self._selection(c, units.astype(np.int64), f"random k={k} seed={seed}")
             if control == "lowest":
                 return self._selection(c, np.argsort(ap, kind="stable")[:k], f"lowest k={k}")
             if control is not None:
-                raise ValueError(f"Unknown control {control!r}; use 'random' or 'lowest'.")
+                raise InvalidArgumentError(f"Unknown control {control!r}; use 'random' or 'lowest'.")
             return self._selection(c, np.argsort(-ap, kind="stable")[:k], f"top k={k}")
         if tau is not None:
-            if not 0 <= tau < 1 or np.isnan(tau):
-                raise ValueError(f"tau must be in [0, 1); got {tau!r}.")
+            check_tau(tau)
             order = np.argsort(-ap, kind="stable")
             return self._selection(c, order[ap[order] > tau], f"ap > {tau}")
         if not isinstance(per_layer, (int, np.integer)) or per_layer < 1:
-            raise ValueError(f"per_layer must be a positive integer; got {per_layer!r}.")
+            raise InvalidArgumentError(f"per_layer must be a positive integer; got {per_layer!r}.")
         chosen = []
         for site in self.sites:
             offset = self._layer_offset[site.layer]
@@ -211,6 +217,7 @@ class ExpertSet:
 
     def label(self, layer: int, neuron: int, tau: float = 0.5) -> list[tuple[str, float]]:
         """The concepts (layer, neuron) is expert for (AP > tau), best first, with AP."""
+        check_tau(tau)
         column = self.expertise.ap[:, self.unit_index(layer, neuron)]
         order = np.argsort(-column, kind="stable")
         return [(self.concepts[i], float(column[i])) for i in order if column[i] > tau]
