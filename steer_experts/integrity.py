@@ -51,9 +51,14 @@ def stamp(arrays: Mapping[str, np.ndarray], config: Mapping) -> dict[str, str]:
     from different saves disagree, while saving the same thing twice gives the same bytes.
     """
     digest = content_hash(arrays)
-    body = json.dumps({k: v for k, v in config.items() if k != STAMP_KEY}, sort_keys=True, default=str)
-    save_id = hashlib.sha256(f"{body}|{digest}".encode()).hexdigest()[:32]
-    return {"save_id": save_id, "content_hash": digest}
+    return {"save_id": _save_id(config, digest), "content_hash": digest}
+
+
+def _save_id(config: Mapping, digest: str) -> str:
+    # Canonical JSON, as it reads back from disk (tuples as lists, keys as strings), so the
+    # id computed at save time and the one recomputed at load time agree.
+    body = json.loads(json.dumps({k: v for k, v in config.items() if k != STAMP_KEY}, default=str))
+    return hashlib.sha256(f"{json.dumps(body, sort_keys=True)}|{digest}".encode()).hexdigest()[:32]
 
 
 def header_metadata(stamped: Mapping[str, str]) -> dict[str, str]:
@@ -63,7 +68,8 @@ def header_metadata(stamped: Mapping[str, str]) -> dict[str, str]:
 
 
 def load_verified(path: str | Path, config: Mapping, what: str) -> dict[str, np.ndarray]:
-    """The arrays of the safetensors file ``path``, checked against the stamp in ``config``.
+    """The arrays of the safetensors file ``path``, checked against the stamp in ``config``:
+    the same save id in both files, the arrays' content hash, and the JSON's own fields.
 
     Raises:
         CorruptFileError: no stamp, a stamp from another save, or bytes that changed since the save.
@@ -84,9 +90,13 @@ def load_verified(path: str | Path, config: Mapping, what: str) -> dict[str, np.
         header = header if isinstance(header, dict) else {}
         raise CorruptFileError(f"{path.parent} is not a valid {what}: {path.name} and its JSON come from "
                                f"different saves (save id {header.get('save_id')!r} vs {expected['save_id']!r}).")
-    if content_hash(arrays) != expected["content_hash"]:
+    digest = content_hash(arrays)
+    if digest != expected["content_hash"]:
         raise CorruptFileError(f"{path.parent} is not a valid {what}: the arrays in {path.name} changed after "
                                "they were saved (content hash mismatch). Save it again.")
+    if _save_id(config, digest) != expected["save_id"]:
+        raise CorruptFileError(f"{path.parent} is not a valid {what}: its JSON changed after it was saved "
+                               "(its fields no longer give the save id). Save it again.")
     return arrays
 
 
