@@ -38,8 +38,11 @@ def _foreign_entries(folder: Path, ours: Iterable[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
 
 
+OVERWRITE_REMEDY = "Choose a new or empty folder, or pass overwrite=True (--overwrite) to write anyway."
+
+
 def check_output_folder(folder: str | Path, ours: Iterable[str] = (), *, overwrite: bool = False,
-                        what: str = "output") -> Path:
+                        what: str = "output", remedy: str = OVERWRITE_REMEDY) -> Path:
     """Raise :class:`OutputFolderError` unless ``folder`` may be written by us; writes nothing.
 
     ``folder`` may be written when it does not exist yet (and its nearest existing parent is a
@@ -62,20 +65,20 @@ def check_output_folder(folder: str | Path, ours: Iterable[str] = (), *, overwri
             raise OutputFolderError(
                 f"Refusing to write the {what} into {folder}: it already holds files steer_experts did not "
                 f"write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), which a save could "
-                "overwrite. Choose a new or empty folder, or pass overwrite=True (--overwrite) to write anyway."
+                f"overwrite. {remedy}"
             )
     return folder
 
 
 def claim_output_folder(folder: str | Path, ours: Iterable[str] = (), *, overwrite: bool = False,
-                        what: str = "output") -> Path:
+                        what: str = "output", remedy: str = OVERWRITE_REMEDY) -> Path:
     """Check ``folder`` with :func:`check_output_folder` and create it; returns it.
 
     Raises:
         OutputFolderError: the folder holds files we did not write (and ``overwrite`` is False),
             or it is a file, or it cannot be written.
     """
-    folder = check_output_folder(folder, ours, overwrite=overwrite, what=what)
+    folder = check_output_folder(folder, ours, overwrite=overwrite, what=what, remedy=remedy)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -93,6 +96,7 @@ def claim_script_output(folder: str | Path) -> Path:
     """:func:`claim_output_folder` for a command-line script's ``--out`` (the recipes): exits with
     the one-line message instead of a traceback when the folder may not be written."""
     try:
-        return claim_output_folder(folder, RUN_OUTPUT_NAMES, what="run output")
+        return claim_output_folder(folder, RUN_OUTPUT_NAMES, what="run output",
+                                   remedy="Choose a new or empty --out folder.")
     except OutputFolderError as err:
         raise SystemExit(f"error: {err}") from None
