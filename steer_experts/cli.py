@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from .errors import SteerExpertsError
@@ -271,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        args.run(args)
+        with warnings.catch_warnings():
+            if not args.debug:  # a repaired cache file is news for the user, not a source line
+                warnings.showwarning = lambda message, *_a, **_k: print(
+                    f"steer-experts {args.command}: warning: {message}", file=sys.stderr)
+            args.run(args)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -147,10 +147,11 @@ def render_model_card(config: dict, repo_id: str | None = None) -> str:
         "```",
         "",
         "With pyvene alone (the intervention class still comes from `steer_experts`): "
-        "`pyvene.IntervenableModel.load(folder, hf_model)`.",
+        "`pyvene.IntervenableModel.load(folder + \"/pyvene\", hf_model)`.",
         "",
         "Files: `steering.json` + `steering.safetensors` (read by `steer_experts`, no pickle), "
-        "`config.json` + `intkey_*.bin` (pyvene's format).",
+        "`pyvene/config.json` + `pyvene/intkey_*.bin` (pyvene's format, in its own folder so it never "
+        "replaces a model's `config.json`).",
         "",
     ]
     return "\n".join(lines)
