@@ -71,6 +71,10 @@ class ValidationReport:
 
 
 def _dedupe(name: str, kind: str, sentences: Iterable[str], report: ValidationReport) -> tuple[str, ...]:
+    # A string or a mapping is iterable too, and would become letters or keys.
+    if isinstance(sentences, (str, bytes, dict)) or not isinstance(sentences, Iterable):
+        raise ConceptDataError(f"Concept {name!r}: {kind} sentences must be a list of strings, "
+                               f"got {type(sentences).__name__} {_preview(sentences)}.")
     items = list(sentences)
     seen: dict[str, None] = {}
     for i, s in enumerate(items):

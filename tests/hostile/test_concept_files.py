@@ -151,3 +151,19 @@ def test_bad_negative_count_is_refused(n_negatives):
     concepts = ConceptSet.from_records([{"concept": "a", "text": "A."}, {"concept": "b", "text": "B."}])
     with pytest.raises(InvalidArgumentError, match="n_negatives must be a positive integer"):
         concepts.with_sampled_negatives(n_negatives)
+
+
+@pytest.mark.parametrize("concept, message", [
+    (("football", "A goal."), r"Concept 'football': positive sentences must be a list of strings, got str"),
+    (("football", {"A goal.": 1}), r"positive sentences must be a list of strings, got dict"),
+    (("football", b"A goal."), r"positive sentences must be a list of strings, got bytes"),
+    (("football", 3), r"positive sentences must be a list of strings, got int"),
+    (("football", ["A goal."], "Rain."), r"negative sentences must be a list of strings, got str"),
+    ((5, ["A goal."]), r"Every concept needs a non-empty string name; got 5"),
+    ((None, ["A goal."]), r"Every concept needs a non-empty string name; got None"),
+])
+def test_bad_concept_object_is_a_clear_error(concept, message):
+    from steer_experts.concepts import Concept
+
+    with pytest.raises(ConceptDataError, match=message):
+        ConceptSet([Concept(*concept)])
