@@ -60,8 +60,11 @@ def _generate(args: argparse.Namespace) -> None:
     from .steering import steer
 
     check_device(args.device)
+    # A broken expert set or an unknown concept fails before the model loads, not after.
+    experts = ExpertSet.from_pretrained(args.experts)
+    experts.concept_index(args.concept)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    experts = ExpertSet.from_pretrained(args.experts, model=model)
+    experts.check_model(model)
     selection = {"k": args.k} if args.tau is None else {"tau": args.tau}
     steered = steer(model, experts, args.concept, alpha=args.alpha, mode=args.mode, **selection)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,

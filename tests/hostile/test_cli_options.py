@@ -22,6 +22,8 @@ def workdir(tmp_path, monkeypatch, saved_experts):
 
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CONCEPTS))
     shutil.copytree(saved_experts, tmp_path / "experts")
+    shutil.copytree(saved_experts, tmp_path / "broken")
+    (tmp_path / "broken" / "expert_set.safetensors").write_bytes(b"garbage" * 10)
     monkeypatch.setattr("steer_experts.models.load_model",
                         lambda *a, **k: pytest.fail("a model was loaded before the options were checked"))
     monkeypatch.chdir(tmp_path)
@@ -55,7 +57,7 @@ CASES = {
     "discover --out empty": (["discover", "--concepts", "c.jsonl", "--out", ""], "discover", "argument --out: must not be empty"),
     "discover --out is a file": (["discover", "--concepts", "c.jsonl", "--out", "c.jsonl"], "discover", "c.jsonl: it is a file, not a folder"),
     "discover --out below a file": (["discover", "--concepts", "c.jsonl", "--out", "c.jsonl/sub"], "discover", "c.jsonl is a file, not a folder"),
-    "discover --out holds other files": (["discover", "--concepts", "c.jsonl", "--out", "."], "discover", "already holds files steer_experts did not write (c.jsonl, experts)"),
+    "discover --out holds other files": (["discover", "--concepts", "c.jsonl", "--out", "."], "discover", "already holds files steer_experts did not write (broken, c.jsonl, experts)"),
     "discover --concepts missing": (["discover", "--concepts", "none.jsonl", "--out", "out"], "discover", "No concept file or folder at none.jsonl"),
     "generate empty prompt": (GENERATE + [""], "generate", "argument prompt: must not be empty"),
     "generate blank prompt": (GENERATE + ["   "], "generate", "argument prompt: must not be empty"),
@@ -70,6 +72,9 @@ CASES = {
     "generate --alpha inf": (GENERATE + ["--alpha", "inf", "Hi"], "generate", "argument --alpha: must be a finite number"),
     "generate --k -1": (GENERATE + ["--k", "-1", "Hi"], "generate", "argument --k: must be at least 0"),
     "generate --top-k -2": (GENERATE + ["--top-k", "-2", "Hi"], "generate", "argument --top-k: must be at least 0"),
+    "generate an unknown concept": (["generate", "--experts", "experts", "--concept", "rugby", "Hi"], "generate", "Concept 'rugby' is unknown"),
+    "generate with a missing expert set": (["generate", "--experts", "none/x/y", "--concept", "football", "Hi"], "generate", "No expert set folder at 'none/x/y'"),
+    "generate with a corrupt expert set": (GENERATE + ["--experts", "broken", "Hi"], "generate", "broken is not a valid expert set"),
     "label --neuron without --layer": (["label", "--experts", "experts", "--neuron", "3"], "label", "--layer and --neuron go together"),
     "label --layer without --neuron": (["label", "--experts", "experts", "--layer", "0"], "label", "--layer and --neuron go together"),
     "label --tau 1": (["label", "--experts", "experts", "--tau", "1"], "label", "argument --tau: must be in [0, 1)"),
