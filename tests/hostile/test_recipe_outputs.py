@@ -27,10 +27,10 @@ def recipe(name: str):
 
 
 @pytest.mark.parametrize("name", list(EXTRA))
-def test_recipe_refuses_a_foreign_out_folder(name, tiny_folder, tmp_path, monkeypatch):
+def test_recipe_refuses_a_foreign_out_folder(name, tiny_folder, tmp_path):
+    # No stand-in for load_model here: recipe_io binds it at import, and the stand-in would outlive the test.
     out = tmp_path / "model"
     shutil.copytree(tiny_folder, out)
-    monkeypatch.setattr("steer_experts.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     before = tree(tmp_path)
     with pytest.raises(SystemExit) as info:
         recipe(name).main(["--out", str(out), *EXTRA[name]])
