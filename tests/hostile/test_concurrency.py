@@ -27,28 +27,38 @@ from steer_experts.concepts import ConceptSet
 from steer_experts.experts import discover
 from steer_experts.models import load_model
 
-model_dir, cache, batch_size, out, barrier, slow = sys.argv[1:7]
+model_dir, concepts_file, barrier, jobs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 model = load_model(model_dir)
-concepts = ConceptSet.load(sys.argv[7])
-if slow == "1":
+concepts = ConceptSet.load(concepts_file)
+if barrier != "-":
     plan = responses._plan
-    responses._plan = lambda *a, **k: (time.sleep(1.5), plan(*a, **k))[1]
-    Path(barrier, out.replace("/", "_")).touch()
+
+    def slow_plan(*a, **k):
+        time.sleep(1.5)
+        made = plan(*a, **k)
+        Path(barrier + "-plans").mkdir(exist_ok=True)
+        Path(barrier + "-plans", jobs[0]["out"].replace("/", "_")).write_text(json.dumps(made))
+        return made
+
+    responses._plan = slow_plan
+    Path(barrier, jobs[0]["out"].replace("/", "_")).touch()
     while len(list(Path(barrier).iterdir())) < 2:
         time.sleep(0.01)
-# Small shards, so that two plans would split the sentences differently across files.
-r = responses.collect_responses(model, concepts.with_sampled_negatives().sentences, batch_size=int(batch_size),
-                                shard_size=2 * int(batch_size), cache_dir=cache, progress=False)
-experts = discover(model, concepts, batch_size=int(batch_size), cache_dir=cache, progress=False)
-np.savez(out, responses=r.to_numpy(), ap=experts.expertise.ap, auroc=experts.expertise.auroc)
+for job in jobs:  # [{"cache", "batch_size", "out"}], one after the other
+    b = job["batch_size"]
+    # Small shards, so that two plans would split the sentences differently across files.
+    r = responses.collect_responses(model, concepts.with_sampled_negatives().sentences, batch_size=b,
+                                    shard_size=2 * b, cache_dir=job["cache"], progress=False)
+    experts = discover(model, concepts, batch_size=b, cache_dir=job["cache"], progress=False)
+    np.savez(job["out"], responses=r.to_numpy(), ap=experts.expertise.ap, auroc=experts.expertise.auroc)
 """
 
 
-def _start(tiny_folder, concepts, cache, batch_size, out, barrier, slow):
+def _start(tiny_folder, concepts, barrier, jobs):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen([sys.executable, "-c", _RUN, str(tiny_folder), str(cache), str(batch_size), str(out),
-                             str(barrier), slow, str(concepts)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    jobs = [{"cache": str(c), "batch_size": b, "out": str(o)} for c, b, o in jobs]
+    return subprocess.Popen([sys.executable, "-c", _RUN, str(tiny_folder), str(concepts), str(barrier),
+                             json.dumps(jobs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(process):
@@ -66,13 +76,18 @@ def test_two_processes_with_different_batch_sizes_never_mix_plans(tiny_folder, t
     concepts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "barrier").mkdir()
 
-    racing = [_start(tiny_folder, concepts, tmp_path / "shared", b, tmp_path / f"race{b}.npz", tmp_path / "barrier", "1")
+    racing = [_start(tiny_folder, concepts, tmp_path / "barrier", [(tmp_path / "shared", b, tmp_path / f"race{b}.npz")])
               for b in (2, 3)]
     for p in racing:
         _finish(p)
-    for b in (2, 3):  # clean runs, one at a time, each on its own cache
-        _finish(_start(tiny_folder, concepts, tmp_path / f"clean{b}", b, tmp_path / f"clean{b}.npz", tmp_path, "0"))
+    # Clean runs, one at a time, each on its own cache.
+    _finish(_start(tiny_folder, concepts, "-", [(tmp_path / f"clean{b}", b, tmp_path / f"clean{b}.npz") for b in (2, 3)]))
 
+    # With the lock, the second process finds the first one's manifest and never plans.
+    plans = list((tmp_path / "barrier-plans").iterdir())
+    assert len(plans) == 1
+    manifest = next((tmp_path / "shared").rglob("manifest.json"))
+    assert json.loads(manifest.read_text())["shards"] == json.loads(plans[0].read_text())[0]
     race = [np.load(tmp_path / f"race{b}.npz") for b in (2, 3)]
     clean = [np.load(tmp_path / f"clean{b}.npz") for b in (2, 3)]
     for key in ("responses", "ap", "auroc"):
