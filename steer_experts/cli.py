@@ -77,9 +77,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .hub import upload_folder
-
-    from .hub import SavedFolderNotFoundError
+    from .hub import SavedFolderNotFoundError, upload_folder
 
     folder = Path(args.experts)
     known = ("expert_set.json", "steering.json")

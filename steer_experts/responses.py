@@ -71,6 +71,7 @@ class Responses:
     sites: list[UnitSite]
     n_sentences: int
     truncated: int  # sentences longer than max_length, cut to it
+    n_shards: int | None = None  # the plan's shard count; files beyond it belong to no plan of ours
 
     @property
     def n_units(self) -> int:
@@ -83,7 +84,9 @@ class Responses:
         return (self.n_sentences, self.n_units)
 
     def _shards(self) -> list[Path]:
-        return sorted(self.folder.glob("shard-*.safetensors"))
+        if self.n_shards is None:
+            return sorted(self.folder.glob("shard-*.safetensors"))
+        return [_shard_path(self.folder, i) for i in range(self.n_shards) if _shard_path(self.folder, i).exists()]
 
     def columns(self, start: int, stop: int) -> np.ndarray:
         """Responses of units ``start:stop`` to every sentence, shape (n_sentences, stop - start)."""
@@ -295,7 +298,7 @@ def collect_responses(
             atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest)))
         shards, truncated = manifest["shards"], manifest["truncated"]
         done = _verified_shards(folder, manifest)
-    responses = Responses(folder, sites, len(sentences), truncated)
+    responses = Responses(folder, sites, len(sentences), truncated, len(shards))
 
     todo = [i for i in range(len(shards)) if i not in done]
     if not todo:
@@ -337,8 +340,13 @@ def _store_shard(folder: Path, i: int, tensors: dict[str, np.ndarray]) -> None:
     """Write shard ``i`` atomically and record its checksum in the manifest, both under the folder lock."""
     path = _shard_path(folder, i)
     with _locked(folder):
-        atomic_write(path, lambda p: save_file(tensors, str(p)))
         manifest_path = folder / MANIFEST
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        planned = [r for batch in manifest["shards"][i] for r in batch] if i < len(manifest["shards"]) else None
+        # Another run may have replaced a corrupt manifest with a new plan meanwhile: our rows would not fit it.
+        if planned != tensors["rows"].tolist():
+            raise CorruptFileError(f"The plan of the response cache {folder} changed while this run was writing "
+                                   "it (another run repaired the cache). Run again: finished shards are kept.")
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
         manifest["checksums"][str(i)] = file_checksum(path)
         atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest)))

@@ -172,3 +172,47 @@ def test_bad_collection_option_writes_nothing(tiny, tmp_path, option, value):
     with pytest.raises(InvalidArgumentError, match=f"{option}|pooling must be one of|Unknown unit kind"):
         collect_responses(tiny, SENTENCES, cache_dir=tmp_path, progress=False, **{option: value})
     assert tree(tmp_path) == {}
+
+
+def test_plan_replaced_while_a_run_writes_stops_that_run(tiny, clean, tmp_path, monkeypatch):
+    """A run whose manifest is replaced (another run repaired the cache with its own plan) must not
+    record its shards under the new plan; the next run still equals a clean one."""
+    import steer_experts.responses as responses
+
+    real_stack = responses.decoder_stack
+    calls = []
+
+    def stack_that_replans(model):
+        stack = real_stack(model)
+
+        def forward(**inputs):
+            calls.append(1)
+            if len(calls) == 3:  # two shards stored; now another run re-plans with a batch size of 3
+                folder = response_cache_folder(tiny, SENTENCES, "mlp", "max", 128, tmp_path)
+                with responses._locked(folder):
+                    m = _manifest(folder)
+                    m["shards"], _ = responses._plan(tiny, SENTENCES, 128, 3, 3)
+                    m["checksums"] = {}
+                    _write_manifest(folder, m)
+            return stack(**inputs)
+        return forward
+
+    monkeypatch.setattr(responses, "decoder_stack", stack_that_replans)
+    with pytest.raises(CorruptFileError, match="changed while this run was writing"):
+        collect_responses(tiny, SENTENCES, cache_dir=tmp_path, **KW)
+    monkeypatch.setattr(responses, "decoder_stack", real_stack)
+    again = collect_responses(tiny, SENTENCES, cache_dir=tmp_path, batch_size=3, shard_size=3, progress=False)
+    alone = collect_responses(tiny, SENTENCES, cache_dir=tmp_path / "alone", batch_size=3, shard_size=3,
+                              progress=False)
+    assert np.array_equal(again.to_numpy(), alone.to_numpy())
+    assert np.allclose(again.to_numpy(), clean[0], atol=1e-5)
+
+
+def test_shard_files_beyond_the_plan_are_never_read(tiny, clean, tmp_path):
+    r = collect_responses(tiny, SENTENCES, cache_dir=tmp_path, **KW)
+    from safetensors.numpy import load_file, save_file
+
+    stray = load_file(str(r.folder / "shard-00000.safetensors"))
+    stray["responses"] = np.zeros_like(stray["responses"])  # read after shard 0, it would zero its rows
+    save_file(stray, str(r.folder / "shard-00009.safetensors"))
+    assert np.array_equal(collect_responses(tiny, SENTENCES, cache_dir=tmp_path, **KW).to_numpy(), clean[0])
