@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
 from steer_experts.concept_writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.models import load_model  # noqa: E402
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_script_output(args.out)
     words = choose_words(args)
     atomic_write(out / "words.txt", lambda f: f.write_text("\n".join(words) + "\n"))
     settings = WritingSettings(n_positives=args.n_positives, styles=tuple(args.styles.split(",")),

@@ -32,8 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from steer_experts.atomic import atomic_write  # noqa: E402
-from steer_experts.baselines import baseline_similarities
+from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
+from steer_experts.baselines import baseline_similarities  # noqa: E402
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.experts import ExpertSet, discover  # noqa: E402
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the result dict also written to ``<out>/alignment.json``."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = claim_script_output(args.out)
     (out / "similarity").mkdir(parents=True, exist_ok=True)
     ratings = load_rating_file(args)
     ceiling = args.ceiling if args.ceiling is not None else agreement_ceiling(args.agreement)

@@ -29,7 +29,7 @@ from scipy.cluster.hierarchy import dendrogram, fcluster, linkage  # noqa: E402
 from scipy.spatial.distance import squareform  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
 from steer_experts.lens import label_neurons  # noqa: E402
 from steer_experts.similarity import (  # noqa: E402
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label-tau", type=float, help="tau for neuron labels (default: relative m=0.3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled-label baseline of the Rand index")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_script_output(args.out)
     expert_set = ExpertSet.from_pretrained(args.expert_set)
     sim = similarity_for(expert_set, args.method)
     sim.to_csv(out / "similarity.csv")

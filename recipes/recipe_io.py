@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from steer_experts.atomic import atomic_write
+from steer_experts.atomic import atomic_write, claim_script_output
 from steer_experts.concepts import Concept, ConceptSet
 from steer_experts.evaluation import bootstrap_interval
 from steer_experts.experts import ExpertSet, discover
@@ -47,7 +47,7 @@ class RunFolder:
     """An output folder whose grid cells are stored one JSONL file each (see the module docstring)."""
 
     def __init__(self, out: str | Path, settings: dict):
-        self.root = Path(out)
+        self.root = claim_script_output(out)
         self.cells = self.root / "cells"
         self.cells.mkdir(parents=True, exist_ok=True)
         self._check_settings(settings)

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.expertise import ConceptRows, compute_expertise  # noqa: E402
 from steer_experts.experts import ExpertSet, discover  # noqa: E402
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = claim_script_output(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     concepts = ConceptSet.load(args.concepts)
     ratings = load_men(args.ratings) if args.ratings else None

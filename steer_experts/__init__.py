@@ -6,8 +6,9 @@ Other steering methods sit beside expert steering (diffmean, prompting), and
 calibration chooses an expert operating point; evaluation/ measures generations.
 """
 
+from .errors import CorruptFileError, InvalidArgumentError, OutputFolderError, SteerExpertsError
 from .concepts import Concept, ConceptDataError, ConceptSet
-from .models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model, locate_units, register_unit_kind
+from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, ModelNotFoundError, load_model, locate_units, register_unit_kind
 from .responses import Responses, collect_responses
 from .expertise import Expertise, compute_expertise
 from .experts import ExpertSelection, ExpertSet, ModelMismatchError, discover
@@ -19,8 +20,9 @@ from .calibration import calibrate
 from .hub import HubUnavailableError
 
 __all__ = [
+    "SteerExpertsError", "CorruptFileError", "InvalidArgumentError", "OutputFolderError",
     "Concept", "ConceptDataError", "ConceptSet",
-    "DEFAULT_MODEL", "LoadedModel", "ModelNotFoundError", "load_model", "locate_units", "register_unit_kind",
+    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "ModelNotFoundError", "load_model", "locate_units", "register_unit_kind",
     "Responses", "collect_responses",
     "Expertise", "compute_expertise",
     "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",

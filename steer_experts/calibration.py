@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InvalidArgumentError
 from .evaluation import perplexity
 from .evaluation.concept_score import ConceptClassifier
 from .experts import ExpertSet, operating_point_key
@@ -69,10 +70,10 @@ def calibrate(model: LoadedModel, experts: ExpertSet, concept: str, classifier: 
     Returns the :class:`OperatingPoint`. Raises ValueError for a budget <= 1 or an empty grid.
     """
     if not max_perplexity_ratio > 1:
-        raise ValueError(f"max_perplexity_ratio must be > 1 (a multiple of the unsteered perplexity); "
+        raise InvalidArgumentError(f"max_perplexity_ratio must be > 1 (a multiple of the unsteered perplexity); "
                          f"got {max_perplexity_ratio!r}.")
     if not ks or not alphas or not prompts or samples_per_prompt < 1:
-        raise ValueError("calibrate needs at least one k, one alpha, one prompt and one sample per prompt.")
+        raise InvalidArgumentError("calibrate needs at least one k, one alpha, one prompt and one sample per prompt.")
     name = experts.concepts[experts.concept_index(concept)]
     asked = [p for p in prompts for _ in range(samples_per_prompt)]
 

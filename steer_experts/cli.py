@@ -1,27 +1,41 @@
-"""The ``steer-experts`` command line: one subcommand per thing a user does."""
+"""The ``steer-experts`` command line: one subcommand per thing a user does.
+
+Options are checked when parsed, and output folders before any model is loaded,
+so a mistake costs seconds, not a run. Every library error ends as one line
+``steer-experts <command>: error: ...`` and exit code 2; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
+import warnings
 from pathlib import Path
+
+from .errors import InvalidArgumentError, SteerExpertsError
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # models.DTYPES, without importing torch to parse
 
 
 def _discover(args: argparse.Namespace) -> None:
+    from .atomic import check_output_folder
     from .concepts import ConceptSet
-    from .experts import discover
+    from .experts import SAVED_NAMES, discover
     from .figures import plot_ap_by_layer
-    from .models import load_model
+    from .models import check_device, load_model
 
-    # Read and validate the data before loading anything heavy or writing anything.
+    # Read and validate the data and the output folder before loading anything heavy or writing anything.
+    out = check_output_folder(args.out, SAVED_NAMES, overwrite=args.overwrite, what="expert set")
+    check_device(args.device)
     concepts = ConceptSet.load(args.concepts)
+    concepts.with_sampled_negatives(args.n_negatives, args.seed)  # fails now, not after the model ran
     print(f"{concepts}: {concepts.report}", file=sys.stderr)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     expert_set = discover(model, concepts, pooling=args.pooling, max_length=args.max_length,
                           batch_size=args.batch_size, n_negatives=args.n_negatives, seed=args.seed)
-    out = Path(args.out)
-    expert_set.save_pretrained(out)
+    expert_set.save_pretrained(out, overwrite=args.overwrite)
     figure = plot_ap_by_layer(expert_set, out / "ap_by_layer.png")
     print(expert_set.summary(top=args.top))
     truncated = expert_set.metadata["truncated_sentences"]
@@ -43,20 +57,21 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 4
 def _generate(args: argparse.Namespace) -> None:
     from .concepts import ConceptSet
     from .experts import ExpertSet
-    from .models import load_model
+    from .models import check_device, load_model
     from .steering import steer
 
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1.")
     if args.method != "experts" and args.auto:
-        raise ValueError("--auto calibrates expert steering; use it with --method experts.")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    experts = ExpertSet.from_pretrained(args.experts, model=model)
+        raise InvalidArgumentError("--auto calibrates expert steering; use it with --method experts.")
+    check_device(args.device)
+    # A broken expert set or an unknown concept fails before the model loads, not after.
+    experts = ExpertSet.from_pretrained(args.experts)
     name = experts.concepts[experts.concept_index(args.concept)]
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    experts.check_model(model)
 
     def concept_data():
         if args.concepts is None:
-            raise ValueError(f"--method {args.method}{' --auto' if args.auto else ''} needs the concept's "
+            raise InvalidArgumentError(f"--method {args.method}{' --auto' if args.auto else ''} needs the concept's "
                              "sentences: pass --concepts FILE.")
         return ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)[name]
 
@@ -98,12 +113,12 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
-    from .hub import upload_folder
+    from .hub import SavedFolderNotFoundError, upload_folder
 
     folder = Path(args.experts)
     known = ("expert_set.json", "steering.json")
     if not any((folder / name).exists() for name in known):
-        raise FileNotFoundError(f"{folder} holds neither a saved expert set nor a steered model ({known}).")
+        raise SavedFolderNotFoundError(f"{folder} holds neither a saved expert set nor a steered model ({known}).")
     print(upload_folder(folder, args.repo, private=args.private))
 
 
@@ -116,6 +131,9 @@ def _load_experts(args: argparse.Namespace):
 def _label(args: argparse.Namespace) -> None:
     from .lens import label_neurons
 
+    if (args.layer is None) != (args.neuron is None):
+        raise _UsageError("--layer and --neuron go together: give both to label one neuron, or neither "
+                          "to label every neuron.")
     experts = _load_experts(args)
     if args.layer is not None:
         rows = [{"layer": args.layer, "neuron": args.neuron, "concepts": experts.label(args.layer, args.neuron, args.tau)}]
@@ -147,11 +165,66 @@ def _audit(args: argparse.Namespace) -> None:
             print(f"    L{unit['layer']}/{unit['neuron']}  AP {unit['ap_a']:.3f} / {unit['ap_b']:.3f}")
 
 
+class _UsageError(SteerExpertsError, ValueError):
+    """Options that are each valid but do not fit together."""
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _tau(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (an AP threshold), got {text}")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,48 +234,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-experts", description=__doc__)
     parser.add_argument("--threads", type=_positive_int,
                         help="torch CPU threads (default: torch's; 1 is fastest on a busy shared machine)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("discover", help="find the expert neurons of concepts and save them as an ExpertSet")
     d.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
     d.add_argument("--concepts", required=True, help="concept file (.json OneSec, .jsonl, .csv) or a folder of them")
-    d.add_argument("--out", required=True, help="folder to write the expert set and figure to")
+    d.add_argument("--out", required=True, type=_text, help="folder to write the expert set and figure to")
+    d.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds files steer_experts did not write")
     d.add_argument("--pooling", choices=("max", "mean"), default="max")
-    d.add_argument("--max-length", type=int, default=128, help="tokens kept per sentence")
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--n-negatives", type=int, default=1000, help="negatives sampled per concept that has none")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--top", type=int, default=10, help="experts listed per concept")
-    d.add_argument("--dtype", default="float32")
+    d.add_argument("--max-length", type=_positive_int, default=128, help="tokens kept per sentence")
+    d.add_argument("--batch-size", type=_positive_int, default=32)
+    d.add_argument("--n-negatives", type=_positive_int, default=1000,
+                   help="negatives sampled per concept that has none")
+    d.add_argument("--seed", type=_non_negative_int, default=0)
+    d.add_argument("--top", type=_non_negative_int, default=10, help="experts listed per concept")
+    d.add_argument("--dtype", choices=DTYPES, default="float32")
     d.add_argument("--device", default="cpu")
     d.set_defaults(run=_discover)
 
     g = sub.add_parser("generate", help="print steered and unsteered continuations of a prompt side by side")
-    g.add_argument("prompt")
+    g.add_argument("prompt", type=_text)
     g.add_argument("--model", default="smollm2-135m")
     g.add_argument("--experts", required=True, help="folder (or hub id) of an expert set from `discover`")
     g.add_argument("--concept", required=True)
-    g.add_argument("--k", type=int, default=50, help="number of experts (top k by AP)")
-    g.add_argument("--tau", type=float, help="use every expert with AP > tau instead of --k")
-    g.add_argument("--alpha", type=float, default=1.0, help="strength: 1 sets experts to their value")
+    g.add_argument("--k", type=_non_negative_int, default=50, help="number of experts (top k by AP)")
+    g.add_argument("--tau", type=_tau, help="use every expert with AP > tau instead of --k")
+    g.add_argument("--alpha", type=_non_negative, default=1.0, help="strength: 1 sets experts to their value")
     g.add_argument("--mode", choices=MODES, default="set", help="clamp: z <- max(z, value), never lowers a unit")
     g.add_argument("--positions", choices=POSITIONS, default="all", help="which positions are steered")
-    g.add_argument("--from-layer", type=int, help="only experts of this layer and later ones (e.g. 2)")
+    g.add_argument("--from-layer", type=_non_negative_int, help="only experts of this layer and later ones (e.g. 2)")
     g.add_argument("--auto", action="store_true",
                    help="k and alpha from a calibrated operating point (computed once with --concepts, then "
                         "kept in the expert set)")
-    g.add_argument("--max-perplexity-ratio", type=float, default=2.0, help="budget of --auto")
+    g.add_argument("--max-perplexity-ratio", type=_positive, default=2.0, help="budget of --auto (> 1)")
     g.add_argument("--method", choices=("experts", "diffmean", "prompt"), default="experts",
                    help="diffmean: add the residual direction (needs --concepts); prompt: ask for the concept")
     g.add_argument("--concepts", help="the concept data (for --auto and --method diffmean)")
-    g.add_argument("--layer", type=int, default=25, help="DiffMean's residual layer")
+    g.add_argument("--layer", type=_non_negative_int, default=25, help="DiffMean's residual layer")
     g.add_argument("--factor", type=float, default=0.4, help="DiffMean's strength, x the layer's median token norm")
-    g.add_argument("--max-new-tokens", type=int, default=40)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=10)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    g.add_argument("--temperature", type=_positive, default=1.0)
+    g.add_argument("--top-k", type=_non_negative_int, default=10)
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--seed", type=_non_negative_int, default=0)
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--device", default="cpu")
     g.set_defaults(run=_generate)
 
@@ -217,31 +294,52 @@ def build_parser() -> argparse.ArgumentParser:
                             ("audit", _audit, "experts shared by concepts declared unrelated")):
         q = sub.add_parser(name, help=text)
         q.add_argument("--experts", required=True, help="folder (or hub id) of an expert set")
-        q.add_argument("--tau", type=float, default=0.5 if name != "search" else None, help="AP threshold")
+        q.add_argument("--tau", type=_tau, default=0.5 if name != "search" else None, help="AP threshold in [0, 1)")
         q.set_defaults(run=run)
         if name == "label":
-            q.add_argument("--layer", type=int)
-            q.add_argument("--neuron", type=int)
+            q.add_argument("--layer", type=_non_negative_int)
+            q.add_argument("--neuron", type=_non_negative_int)
         elif name == "search":
-            q.add_argument("concept")
-            q.add_argument("--k", type=int, default=10)
+            q.add_argument("concept", type=_text)
+            q.add_argument("--k", type=_positive_int, default=10)
         else:
             q.add_argument("--pair", action="append", required=True, help="two concepts, comma-separated")
-            q.add_argument("--top", type=int, default=10, help="shared experts listed per pair")
+            q.add_argument("--top", type=_non_negative_int, default=10, help="shared experts listed per pair")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``steer-experts``; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        import torch
+# Errors that mean "the input, a file or the environment is wrong", not a bug: one line, exit 2.
+# Library errors all derive from SteerExpertsError; the builtin ones come from the libraries below
+# us (a disk that is full, a folder that vanished).
+_USER_ERRORS = (SteerExpertsError, ValueError, LookupError, OSError, ConnectionError, NotImplementedError)
 
-        torch.set_num_threads(args.threads)
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``steer-experts``; returns the exit code (0 done, 2 error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (ValueError, KeyError, LookupError, FileNotFoundError, ConnectionError, NotImplementedError) as err:
-        print(f"steer-experts {args.command}: error: {err}", file=sys.stderr)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        with warnings.catch_warnings():
+            if not args.debug:  # a repaired cache file is news for the user, not a source line
+                warnings.showwarning = lambda message, *_a, **_k: print(
+                    f"steer-experts {args.command}: warning: {message}", file=sys.stderr)
+            args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"steer-experts {args.command}: interrupted; finished work is cached and a rerun resumes.",
+              file=sys.stderr)
+        return 130
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = str(err) or type(err).__name__
+        if isinstance(err, KeyError) and not isinstance(err, SteerExpertsError) and err.args:
+            message = str(err.args[0])  # a plain KeyError prints its message quoted
+        print(f"steer-experts {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -13,6 +13,7 @@ negatives get negatives sampled (seeded) from the other concepts' positives.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .errors import InvalidArgumentError, SteerExpertsError, UnknownConceptError
 
-class ConceptDataError(ValueError):
+
+class ConceptDataError(SteerExpertsError, ValueError):
     """Raised when concept data is malformed; the message says what and where."""
 
 
@@ -52,7 +55,7 @@ def resolve_concept(query: str, names: Sequence[str]) -> str:
     if len(matches) == 1:
         return matches[0]
     why = f"is ambiguous ({matches})" if matches else "is unknown"
-    raise KeyError(f"Concept {query!r} {why}. Known concepts: {list(names)}")
+    raise UnknownConceptError(f"Concept {query!r} {why}. Known concepts: {list(names)}")
 
 
 @dataclass
@@ -68,6 +71,10 @@ class ValidationReport:
 
 
 def _dedupe(name: str, kind: str, sentences: Iterable[str], report: ValidationReport) -> tuple[str, ...]:
+    # A string or a mapping is iterable too, and would become letters or keys.
+    if isinstance(sentences, (str, bytes, dict)) or not isinstance(sentences, Iterable):
+        raise ConceptDataError(f"Concept {name!r}: {kind} sentences must be a list of strings, "
+                               f"got {type(sentences).__name__} {_preview(sentences)}.")
     items = list(sentences)
     seen: dict[str, None] = {}
     for i, s in enumerate(items):
@@ -95,6 +102,9 @@ class ConceptSet:
         report = ValidationReport()
         if not concepts:
             raise ConceptDataError("No concepts given. A concept needs a name and positive sentences.")
+        for c in concepts:
+            if not isinstance(c.name, str) or not c.name.strip():
+                raise ConceptDataError(f"Every concept needs a non-empty string name; got {_preview(c.name)}.")
         names = [c.name for c in concepts]
         dup_names = sorted({n for n in names if names.count(n) > 1})
         if dup_names:
@@ -166,6 +176,8 @@ class ConceptSet:
         Raises:
             ConceptDataError: a concept would end up with no negatives.
         """
+        if isinstance(n_negatives, bool) or not isinstance(n_negatives, (int, np.integer)) or n_negatives < 1:
+            raise InvalidArgumentError(f"n_negatives must be a positive integer; got {n_negatives!r}.")
         all_positives = list(dict.fromkeys(s for c in self.concepts for s in c.positives))
         out = []
         for i, c in enumerate(self.concepts):
@@ -229,10 +241,19 @@ class ConceptSet:
         pos: dict[str, list[str]] = {}
         neg: dict[str, list[str]] = {}
         for n, row in enumerate(records, 1):
+            if not isinstance(row, dict):
+                raise ConceptDataError(f"{where}, row {n}: expected an object with {concept_column!r} and "
+                                       f"{text_column!r}, got {type(row).__name__} {_preview(row)}.")
             missing = [k for k in (concept_column, text_column) if k not in row]
             if missing:
                 raise ConceptDataError(f"{where}, row {n}: missing column(s) {missing}; row has {sorted(row)}.")
+            for column in (concept_column, text_column):
+                if not isinstance(row[column], str):
+                    raise ConceptDataError(f"{where}, row {n}: {column!r} must be a string, got "
+                                           f"{type(row[column]).__name__} {_preview(row[column])}.")
             label = row.get(label_column, 1)
+            if label is None or isinstance(label, (list, dict, float)):
+                raise ConceptDataError(f"{where}, row {n}: label {label!r} is not 1/0/positive/negative.")
             label = str(label).strip().lower()
             if label in ("1", "positive", "pos", "true"):
                 pos.setdefault(row[concept_column], []).append(row[text_column])
@@ -248,7 +269,7 @@ class ConceptSet:
         """Load JSONL rows ``{"concept", "text", "label"}`` (label optional, default positive)."""
         path = Path(path)
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -260,8 +281,16 @@ class ConceptSet:
     def from_csv(cls, path: str | Path, **columns) -> "ConceptSet":
         """Load CSV with a header row containing concept, text and (optionally) label columns."""
         path = Path(path)
-        with path.open(newline="") as f:
-            return cls.from_records(csv.DictReader(f), where=str(path), **columns)
+        text = _read_text(path)
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as err:
+            raise ConceptDataError(f"{path}: not valid CSV ({err}).") from None
+        for n, row in enumerate(rows, 2):
+            if None in row or None in row.values():
+                raise ConceptDataError(f"{path}:{n}: the row has {'more' if None in row else 'fewer'} fields "
+                                       "than the header.")
+        return cls.from_records(rows, where=str(path), **columns)
 
     @classmethod
     def from_dataset(cls, dataset, **columns) -> "ConceptSet":
@@ -290,14 +319,48 @@ class ConceptSet:
         return cls(concepts)
 
 
-def _read_onesec(path: Path) -> Concept:
+def _preview(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8; a clear error naming the file and line where it is not."""
+    data = path.read_bytes()
     try:
-        data = json.loads(path.read_text())
-        sentences = data["sentences"]
-        return Concept(data["concept"], tuple(sentences["positive"]), tuple(sentences.get("negative", ())) or None,
-                       data.get("group"))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConceptDataError(
-            f"{path} is not a OneSec concept file ({type(err).__name__}: {err}). Expected "
-            '{"concept": ..., "sentences": {"positive": [...], "negative": [...]}}.'
-        ) from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConceptDataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                               f"{err.start}). Save the file as UTF-8.") from None
+
+
+def _sentence_list(path: Path, data: dict, field: str, required: bool) -> tuple[str, ...] | None:
+    sentences = data["sentences"].get(field)
+    if sentences is None and not required:
+        return None
+    where = f"{path}: field sentences.{field}"
+    if not isinstance(sentences, list):
+        raise ConceptDataError(f"{where} must be a list of strings, got {type(sentences).__name__} "
+                               f"{_preview(sentences)}.")
+    for i, s in enumerate(sentences):
+        if not isinstance(s, str):
+            raise ConceptDataError(f"{where}: item #{i} is {type(s).__name__} {_preview(s)}, not a string.")
+    return tuple(sentences)
+
+
+def _read_onesec(path: Path) -> Concept:
+    expected = ('Expected {"concept": ..., "sentences": {"positive": [...], "negative": [...]}}.')
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ConceptDataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}). {expected}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("sentences"), dict) or "concept" not in data:
+        raise ConceptDataError(f"{path} is not a OneSec concept file. {expected}")
+    if not isinstance(data["concept"], str) or not data["concept"].strip():
+        raise ConceptDataError(f"{path}: field concept must be a non-empty string, got {_preview(data['concept'])}.")
+    group = data.get("group")
+    if group is not None and not isinstance(group, str):
+        raise ConceptDataError(f"{path}: field group must be a string, got {_preview(group)}.")
+    negatives = _sentence_list(path, data, "negative", required=False)
+    return Concept(data["concept"], _sentence_list(path, data, "positive", required=True), negatives or None, group)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write
 from .concepts import Concept
+from .errors import InvalidArgumentError
 from .experts import ExpertSet, ModelMismatchError
 from .interventions import AdditionIntervention
 from .models import LoadedModel, UnitSite, decoder_stack, locate_residual_stream
@@ -70,7 +71,7 @@ class ResidualMeans:
     def direction(self, layer: int) -> np.ndarray:
         """The unit DiffMean direction at ``layer`` (mean positive minus mean negative), float64."""
         if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer must be in [0, {self.n_layers}); got {layer!r}.")
+            raise InvalidArgumentError(f"layer must be in [0, {self.n_layers}); got {layer!r}.")
         diff = self.positive_mean[layer] - self.negative_mean[layer]
         return diff / np.linalg.norm(diff)
 
@@ -91,7 +92,7 @@ class ResidualMeans:
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads(f.metadata()["json"])
         if meta.pop("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: residual means of another format version; recompute them.")
+            raise InvalidArgumentError(f"{path}: residual means of another format version; recompute them.")
         return cls(**load_file(str(path)), **meta)
 
 
@@ -105,7 +106,7 @@ def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 12
     without negatives.
     """
     if not concept.negatives:
-        raise ValueError(f"Concept {concept.name!r} has no negatives; DiffMean needs both sides. "
+        raise InvalidArgumentError(f"Concept {concept.name!r} has no negatives; DiffMean needs both sides. "
                          "Sample them first (ConceptSet.with_sampled_negatives).")
     sites = locate_residual_stream(model.model)
     hidden = sites[0].width
@@ -144,7 +145,7 @@ def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 12
         for handle in handles:
             handle.remove()
     if min(counts) == 0:
-        raise ValueError(f"Concept {concept.name!r} has a side with no ordinary token to average.")
+        raise InvalidArgumentError(f"Concept {concept.name!r} has a side with no ordinary token to average.")
     token_norm = np.array([float(torch.cat(n).median()) for n in norms])
     return ResidualMeans(concept.name, sums[0] / counts[0], sums[1] / counts[1], token_norm,
                          counts[0], counts[1], model.name, model.fingerprint)
@@ -204,13 +205,13 @@ class DiffMeanSteeredModel(SteeredModel):
     def __init__(self, base: LoadedModel, concept: str, layer: int, factor: float, norm: float,
                  direction: np.ndarray, positions: str = "all"):
         if not (np.isfinite(factor) and np.isfinite(norm) and norm >= 0):
-            raise ValueError(f"factor and norm must be finite (norm >= 0); got {factor!r}, {norm!r}.")
+            raise InvalidArgumentError(f"factor and norm must be finite (norm >= 0); got {factor!r}, {norm!r}.")
         sites = locate_residual_stream(base.model)
         if not 0 <= layer < len(sites):
-            raise ValueError(f"layer must be in [0, {len(sites)}); got {layer!r}.")
+            raise InvalidArgumentError(f"layer must be in [0, {len(sites)}); got {layer!r}.")
         direction = np.asarray(direction, dtype=np.float32)
         if direction.shape != (sites[layer].width,) or not np.isfinite(direction).all():
-            raise ValueError(f"direction must be {sites[layer].width} finite numbers; got shape {direction.shape}.")
+            raise InvalidArgumentError(f"direction must be {sites[layer].width} finite numbers; got shape {direction.shape}.")
         self.concept, self.layer, self.factor, self.norm = concept, int(layer), float(factor), float(norm)
         self.direction = direction
         self.site: UnitSite = sites[layer]
@@ -252,6 +253,6 @@ def steer_diffmean(model: LoadedModel, means: ResidualMeans, layer: int, factor:
             f"These residual means were computed on {means.model_name!r}, not on {model.name!r}; "
             "run residual_means on this model.")
     if not 0 <= layer < means.n_layers:
-        raise ValueError(f"layer must be in [0, {means.n_layers}); got {layer!r}.")
+        raise InvalidArgumentError(f"layer must be in [0, {means.n_layers}); got {layer!r}.")
     return DiffMeanSteeredModel(model, means.concept, layer, factor, float(means.token_norm[layer]),
                                 means.direction(layer), positions)

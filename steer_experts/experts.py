@@ -18,18 +18,23 @@ from typing import Sequence
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from .atomic import atomic_write
+from .atomic import atomic_write, claim_output_folder
 from .concepts import ConceptSet, resolve_concept
+from .errors import CorruptFileError, InvalidArgumentError, SteerExpertsError, UnitNotFoundError
 from .expertise import Expertise, compute_expertise
-from .models import LoadedModel, UnitSite
+from .integrity import STAMP_KEY, check_finite, check_unit_interval, header_metadata, load_verified, stamp
+from .models import LoadedModel, UnitSite, locate_units
 from .responses import collect_responses
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: JSON and safetensors carry a shared save id and the arrays' content hash
 VALUE_STATS = ("on_p50", "on_mean", "on_p90", "off_mean", "zero")
 WEIGHTS_NAME = "expert_set.safetensors"
 CONFIG_NAME = "expert_set.json"
+FIGURE_NAME = "ap_by_layer.png"
+# What save_pretrained and `steer-experts discover` write: a folder holding only these is ours.
+SAVED_NAMES = (WEIGHTS_NAME, CONFIG_NAME, FIGURE_NAME)
 
 
 def operating_point_key(concept: str, max_perplexity_ratio: float) -> str:
@@ -37,8 +42,15 @@ def operating_point_key(concept: str, max_perplexity_ratio: float) -> str:
     return f"{concept} ppl<={float(max_perplexity_ratio):g}"
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(SteerExpertsError, ValueError):
     """Raised when experts are used with a model other than the one they were found on."""
+
+
+def check_tau(tau) -> float:
+    """``tau`` if it is an AP threshold in [0, 1); :class:`InvalidArgumentError` otherwise (NaN too)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.number)) or not 0 <= tau < 1:
+        raise InvalidArgumentError(f"tau must be a number in [0, 1); got {tau!r}.")
+    return float(tau)
 
 
 @dataclass
@@ -68,7 +80,7 @@ class ExpertSelection:
     def values(self, stat: str = "on_p50") -> np.ndarray:
         """The value each unit is set to: one of ``VALUE_STATS`` (float32, activation units)."""
         if stat not in VALUE_STATS:
-            raise ValueError(f"Unknown value statistic {stat!r}; choose one of {VALUE_STATS}.")
+            raise InvalidArgumentError(f"Unknown value statistic {stat!r}; choose one of {VALUE_STATS}.")
         if stat == "zero":
             return np.zeros(len(self), dtype=np.float32)
         return getattr(self, stat).astype(np.float32)
@@ -98,7 +110,7 @@ class ExpertSet:
                  model_fingerprint: str, unit_kind: str = "mlp", metadata: dict | None = None):
         widths = [s.width for s in sites]
         if sum(widths) != expertise.ap.shape[1]:
-            raise ValueError(f"Sites hold {sum(widths)} units but expertise has {expertise.ap.shape[1]} columns.")
+            raise InvalidArgumentError(f"Sites hold {sum(widths)} units but expertise has {expertise.ap.shape[1]} columns.")
         self.expertise = expertise
         self.sites = list(sites)
         self.model_name = model_name
@@ -131,7 +143,7 @@ class ExpertSet:
     def unit_index(self, layer: int, neuron: int) -> int:
         """Global unit index of (layer, neuron)."""
         if layer not in self._layer_offset or not 0 <= neuron < self.sites[list(self._layer_offset).index(layer)].width:
-            raise IndexError(f"No unit at layer {layer}, neuron {neuron} in this {self.unit_kind} expert set.")
+            raise UnitNotFoundError(f"No unit at layer {layer}, neuron {neuron} in this {self.unit_kind} expert set.")
         return self._layer_offset[layer] + neuron
 
     def check_model(self, model: LoadedModel) -> None:
@@ -141,6 +153,12 @@ class ExpertSet:
                 f"These experts were found on {self.model_name!r} (fingerprint {self.model_fingerprint[:12]}), "
                 f"but the model given is {model.name!r} (fingerprint {model.fingerprint[:12]}). "
                 "Run discovery on this model, or load the model the experts came from."
+            )
+        actual = [(s.layer, s.module_path, s.width) for s in locate_units(model.model, self.unit_kind)]
+        if actual != [(s.layer, s.module_path, s.width) for s in self.sites]:
+            raise ModelMismatchError(
+                f"These experts' units ({len(self.sites)} layers, {self.n_units} units) are not the "
+                f"{self.unit_kind} units of {model.name!r} ({len(actual)} layers, {sum(a[2] for a in actual)} units)."
             )
 
     # ------------------------------------------------------------------ selection
@@ -172,40 +190,39 @@ class ExpertSet:
         c = self.concept_index(concept)
         given = [name for name, v in (("k", k), ("tau", tau), ("per_layer", per_layer)) if v is not None]
         if len(given) != 1:
-            raise ValueError(f"Give exactly one of k, tau or per_layer; got {given or 'none'}.")
+            raise InvalidArgumentError(f"Give exactly one of k, tau or per_layer; got {given or 'none'}.")
         if control is not None and k is None:
-            raise ValueError("Controls are defined for a count: pass k with control=.")
+            raise InvalidArgumentError("Controls are defined for a count: pass k with control=.")
         candidates = np.arange(self.n_units)
         if layers is not None:
             unknown = sorted(set(layers) - set(self._layer_offset))
             if unknown:
-                raise ValueError(f"layers {unknown} do not exist; this expert set has layers "
+                raise InvalidArgumentError(f"layers {unknown} do not exist; this expert set has layers "
                                  f"{min(self._layer_offset)}..{max(self._layer_offset)}.")
             candidates = candidates[np.isin(self.layer, list(layers))]
         ap = self.expertise.ap[c]
         if scores is not None:
             scores = np.asarray(scores, dtype=np.float64)
             if scores.shape != ap.shape or not np.isfinite(scores).all():
-                raise ValueError(f"scores must be {ap.shape[0]} finite numbers, one per unit; got shape {scores.shape}.")
+                raise InvalidArgumentError(f"scores must be {ap.shape[0]} finite numbers, one per unit; got shape {scores.shape}.")
         rank = ap if scores is None or tau is not None else scores
         order = candidates[np.argsort(-rank[candidates], kind="stable")]
         if k is not None:
             if not isinstance(k, (int, np.integer)) or k < 0 or k > len(candidates):
-                raise ValueError(f"k must be an integer in [0, {len(candidates)}] (the units available); got {k!r}.")
+                raise InvalidArgumentError(f"k must be an integer in [0, {len(candidates)}] (the units available); got {k!r}.")
             if control == "random":
                 units = np.random.default_rng(seed).choice(candidates, size=k, replace=False)
                 return self._selection(c, units.astype(np.int64), f"random k={k} seed={seed}")
             if control == "lowest":
                 return self._selection(c, candidates[np.argsort(ap[candidates], kind="stable")[:k]], f"lowest k={k}")
             if control is not None:
-                raise ValueError(f"Unknown control {control!r}; use 'random' or 'lowest'.")
+                raise InvalidArgumentError(f"Unknown control {control!r}; use 'random' or 'lowest'.")
             return self._selection(c, order[:k], f"top k={k}")
         if tau is not None:
-            if not 0 <= tau < 1 or np.isnan(tau):
-                raise ValueError(f"tau must be in [0, 1); got {tau!r}.")
+            check_tau(tau)
             return self._selection(c, order[ap[order] > tau], f"ap > {tau}")
         if not isinstance(per_layer, (int, np.integer)) or per_layer < 1:
-            raise ValueError(f"per_layer must be a positive integer; got {per_layer!r}.")
+            raise InvalidArgumentError(f"per_layer must be a positive integer; got {per_layer!r}.")
         in_layer = self.layer[order]
         chosen = np.concatenate([order[in_layer == layer][:per_layer] for layer in np.unique(in_layer)])
         return self._selection(c, chosen[np.argsort(-rank[chosen], kind="stable")], f"top {per_layer} per layer")
@@ -229,6 +246,7 @@ class ExpertSet:
 
     def label(self, layer: int, neuron: int, tau: float = 0.5) -> list[tuple[str, float]]:
         """The concepts (layer, neuron) is expert for (AP > tau), best first, with AP."""
+        check_tau(tau)
         column = self.expertise.ap[:, self.unit_index(layer, neuron)]
         order = np.argsort(-column, kind="stable")
         return [(self.concepts[i], float(column[i])) for i in order if column[i] > tau]
@@ -253,10 +271,13 @@ class ExpertSet:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``expert_set.safetensors`` (statistics) and ``expert_set.json`` (everything else) atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``expert_set.safetensors`` (statistics) and ``expert_set.json`` (everything else) atomically.
+
+        Both carry one save id and the content hash of the statistics, checked by
+        :meth:`from_pretrained`. A folder holding other files is refused unless ``overwrite=True``.
+        """
+        folder = claim_output_folder(folder, SAVED_NAMES, overwrite=overwrite, what="expert set")
         e = self.expertise
         tensors = {stat: np.ascontiguousarray(getattr(e, stat)) for stat in Expertise.STATS}
         tensors["n_positives"] = np.asarray(e.n_positives, dtype=np.int64)
@@ -267,7 +288,8 @@ class ExpertSet:
             "sites": [{"layer": s.layer, "module_path": s.module_path, "width": s.width} for s in self.sites],
             "metadata": self.metadata,
         }
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        config[STAMP_KEY] = stamp(tensors, config)
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=header_metadata(config[STAMP_KEY])))
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
         return folder
 
@@ -278,21 +300,33 @@ class ExpertSet:
 
         folder = resolve_folder(folder_or_repo, [CONFIG_NAME, WEIGHTS_NAME], what="expert set")
         try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
-            tensors = load_file(str(folder / WEIGHTS_NAME))
-            if config.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
+            config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+                version = config.get("format_version") if isinstance(config, dict) else None
+                raise ValueError(f"format_version {version!r}, expected {FORMAT_VERSION}")
+            tensors = load_verified(folder / WEIGHTS_NAME, config, what="expert set")
             expertise = Expertise(concepts=list(config["concepts"]), **{s: tensors[s] for s in Expertise.STATS},
                                   n_positives=tensors["n_positives"], n_negatives=tensors["n_negatives"])
+            if not all(isinstance(c, str) for c in expertise.concepts):
+                raise ValueError("concept names must be strings")
             sites = [UnitSite(**s) for s in config["sites"]]
+            if any(not isinstance(s.width, int) or s.width < 1 for s in sites):
+                raise ValueError("every site needs a positive integer width")
             shapes = {tensors[s].shape for s in Expertise.STATS}
             if shapes != {(len(expertise.concepts), sum(s.width for s in sites))}:
                 raise ValueError(f"statistic shapes {shapes} do not match the concepts and sites")
+            counts = (len(expertise.concepts),)
+            if tensors["n_positives"].shape != counts or tensors["n_negatives"].shape != counts:
+                raise ValueError("n_positives / n_negatives do not match the concepts")
+            if (tensors["n_positives"] < 1).any() or (tensors["n_negatives"] < 1).any():
+                raise ValueError("every concept needs at least one positive and one negative")
+            check_unit_interval(tensors, ("ap", "auroc"), str(folder))
+            check_finite(tensors, Expertise.STATS, str(folder))
             expert_set = cls(expertise, sites, config["model_name"], config["model_fingerprint"],
                              config["unit_kind"], config.get("metadata"))
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
-            raise ValueError(f"{folder} is not a valid expert set ({type(err).__name__}: {err}). "
-                             "Re-create it with ExpertSet.save_pretrained or `steer-experts discover`.") from None
+            raise CorruptFileError(f"{folder} is not a valid expert set ({type(err).__name__}: {err}). "
+                                   "Re-create it with ExpertSet.save_pretrained or `steer-experts discover`.") from None
         if model is not None:
             expert_set.check_model(model)
         return expert_set

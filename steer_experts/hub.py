@@ -11,8 +11,14 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .errors import SteerExpertsError
 
-class HubUnavailableError(ConnectionError):
+
+class SavedFolderNotFoundError(SteerExpertsError, FileNotFoundError):
+    """Raised when there is no saved folder at a path, or it lacks a file a save always writes."""
+
+
+class HubUnavailableError(SteerExpertsError, ConnectionError):
     """Raised when a Hub operation is needed but the Hub cannot be reached."""
 
 
@@ -31,11 +37,11 @@ def resolve_folder(folder_or_repo: str | Path, required: Sequence[str], what: st
     if path.is_dir():
         missing = [f for f in required if not (path / f).exists()]
         if missing:
-            raise FileNotFoundError(f"{path} is not a saved {what}: missing {missing}.")
+            raise SavedFolderNotFoundError(f"{path} is not a saved {what}: missing {missing}.")
         return path
     repo_id = str(folder_or_repo)
     if path.suffix or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
-        raise FileNotFoundError(f"No {what} folder at {repo_id!r} (and it is not a Hub repo id like 'user/name').")
+        raise SavedFolderNotFoundError(f"No {what} folder at {repo_id!r} (and it is not a Hub repo id like 'user/name').")
     if _offline():
         raise HubUnavailableError(
             f"{repo_id!r} is not a local folder, and HF_HUB_OFFLINE is set, so it cannot be fetched from the Hub. "
@@ -166,9 +172,10 @@ def _loading_section(base: dict, repo_id: str | None) -> list[str]:
         "```",
         "",
         "With pyvene alone (the intervention class still comes from `steer_experts`): "
-        "`pyvene.IntervenableModel.load(folder, hf_model)`.",
+        "`pyvene.IntervenableModel.load(folder + \"/pyvene\", hf_model)`.",
         "",
         "Files: `steering.json` + `steering.safetensors` (read by `steer_experts`, no pickle), "
-        "`config.json` + `intkey_*.bin` (pyvene's format).",
+        "`pyvene/config.json` + `pyvene/intkey_*.bin` (pyvene's format, in its own folder so it never "
+        "replaces a model's `config.json`).",
         "",
     ]

@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .experts import ExpertSet
+from .errors import InvalidArgumentError
+from .experts import ExpertSet, check_tau
 from .similarity import jaccard_similarity, shared_experts
 
 
@@ -22,6 +23,7 @@ def label_neurons(expert_set: ExpertSet, tau: float = 0.5, max_concepts: int | N
     Returns rows ``{"layer", "neuron", "concepts": [(concept, ap), ...]}`` (concepts
     best first, at most ``max_concepts``), ordered by layer then neuron.
     """
+    check_tau(tau)
     ap = expert_set.expertise.ap
     names = expert_set.concepts
     rows = []
@@ -45,7 +47,7 @@ def search_experts(expert_set: ExpertSet, query: str, *, k: int | None = 10, tau
     if tau is not None:
         return expert_set.select(query, tau=tau).table()
     if k is None:
-        raise ValueError("Give k or tau.")
+        raise InvalidArgumentError("Give k or tau.")
     return expert_set.experts_of(query, k)
 
 
@@ -56,11 +58,14 @@ def audit_unrelated(expert_set: ExpertSet, pairs: Iterable[Sequence[str]], tau: 
     "ap_a", "ap_b"}, ...]}``, the pairs with most shared experts first. ``jaccard`` is
     None when either concept has no experts at ``tau``.
     """
+    check_tau(tau)
+    pairs = [list(p) for p in pairs]
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(c, str) and c.strip() for c in pair):
+            raise InvalidArgumentError(f"Each audited pair needs two concepts; got {pair}.")
     jaccard = jaccard_similarity(expert_set, tau)
     rows = []
     for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"Each audited pair needs two concepts; got {list(pair)}.")
         a, b = (expert_set.concepts[expert_set.concept_index(c)] for c in pair)
         value = jaccard.pair(a, b)
         rows.append({"concept_a": a, "concept_b": b, "jaccard": None if np.isnan(value) else value,

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .errors import InvalidArgumentError, SteerExpertsError
+
 CACHE_ENV = "STEER_EXPERTS_CACHE"
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -77,8 +79,16 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(SteerExpertsError, LookupError):
     """Raised when a model name is neither embedded, a local folder, nor reachable on the hub."""
+
+
+class ModelLoadError(SteerExpertsError, ValueError):
+    """Raised when a model folder exists but a file in it is missing or broken; the message names it."""
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def _package_folder(package: str) -> Path | None:
@@ -216,15 +226,16 @@ def load_model(
 
     Raises:
         ModelNotFoundError: the name is unknown, or a hub id was asked for offline.
+        ModelLoadError: a file of the model folder is missing or broken (the message names it).
+        InvalidArgumentError: an unknown dtype, or a device this machine does not have.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = check_dtype(dtype)
+    device = check_device(device)
     if name_or_path in EMBEDDED_MODELS:
         folder = str(_materialise_embedded(name_or_path))
     elif Path(name_or_path).expanduser().is_dir():
         folder = str(Path(name_or_path).expanduser())
-        if not (Path(folder) / "config.json").exists():
-            raise ModelNotFoundError(f"{folder} is a folder but has no config.json.\n" + _available_message())
+        check_model_folder(Path(folder))
     else:
         if Path(name_or_path).suffix or name_or_path.startswith((".", "/", "~")):
             raise ModelNotFoundError(f"No model folder at {name_or_path!r}.\n" + _available_message())
@@ -234,10 +245,66 @@ def load_model(
         except (OSError, ValueError) as err:
             why = "HF_HUB_OFFLINE is set, so hub ids cannot be fetched" if _hub_offline() else str(err).splitlines()[0]
             raise ModelNotFoundError(f"Cannot load {name_or_path!r}: {why}.\n" + _available_message()) from None
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # transformers raises many types (and asks for sentencepiece) for a bad tokenizer
+        raise ModelLoadError(f"Cannot load the tokenizer of {name_or_path!r}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except Exception as err:  # a truncated or altered weights file surfaces as several unrelated types
+        raise ModelLoadError(f"Cannot load the weights of {name_or_path!r} (a weights file is missing or "
+                             f"corrupt): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     model.to(device).eval()
     return LoadedModel.from_hf(model, tokenizer, name=name_or_path)
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype named by ``dtype`` (one of ``DTYPES``); :class:`InvalidArgumentError` otherwise."""
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise InvalidArgumentError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that exists on this machine; :class:`InvalidArgumentError` otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgumentError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"Device {str(device)!r} asked for, but torch sees no CUDA GPU here; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(f"Device {str(device)!r} does not exist: torch sees {torch.cuda.device_count()} GPU(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidArgumentError("Device 'mps' asked for, but MPS is not available here; use --device cpu.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InvalidArgumentError(f"Unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise :class:`ModelLoadError`, naming the file, unless ``folder`` has a readable config.json,
+    a weights file and tokenizer files. Cheap: reads only config.json."""
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelNotFoundError(f"{folder} is a folder but has no config.json.\n" + _available_message())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({err}); the model folder is broken.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelLoadError(f"{config_path} has no model_type; it is not a Hugging Face model config.")
+    weights = [p for pattern in ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+               for p in folder.glob(pattern)]
+    if not weights:
+        raise ModelLoadError(f"{folder} has a config.json but no weights file (model.safetensors); "
+                             "save the model with save_pretrained into this folder.")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer with tokenizer.save_pretrained into this folder.")
 
 
 # --------------------------------------------------------------------------- unit location
@@ -269,7 +336,7 @@ class UnitSite:
         return ".".join(parts) + "." + self.port
 
 
-class UnsupportedArchitectureError(NotImplementedError):
+class UnsupportedArchitectureError(SteerExpertsError, NotImplementedError):
     """Raised when no unit locator knows the model's architecture."""
 
 
@@ -332,7 +399,7 @@ def register_unit_kind(name: str, locator: Callable[[PreTrainedModel], list[Unit
 def locate_units(model: PreTrainedModel, kind: str = "mlp") -> list[UnitSite]:
     """Return the unit sites of ``kind`` (see ``UNIT_KINDS``) in layer order."""
     if kind not in UNIT_KINDS:
-        raise ValueError(f"Unknown unit kind {kind!r}; known kinds: {sorted(UNIT_KINDS)}.")
+        raise InvalidArgumentError(f"Unknown unit kind {kind!r}; known kinds: {sorted(UNIT_KINDS)}.")
     return UNIT_KINDS[kind](model)
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InvalidArgumentError
 from .models import LoadedModel
 from .steering import SteeredModel
 
@@ -31,9 +32,9 @@ class PromptSteeredModel(SteeredModel):
 
     def __init__(self, base: LoadedModel, concept: str, instruction: str = DEFAULT_INSTRUCTION):
         if not isinstance(concept, str) or not concept.strip():
-            raise ValueError(f"concept must be a non-empty word or phrase; got {concept!r}.")
+            raise InvalidArgumentError(f"concept must be a non-empty word or phrase; got {concept!r}.")
         if getattr(base.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{base.name!r} has no chat template, so it cannot be steered by an instruction; "
+            raise InvalidArgumentError(f"{base.name!r} has no chat template, so it cannot be steered by an instruction; "
                              "use an instruct model.")
         self.concept = concept
         self.instruction = instruction.format(concept=concept)

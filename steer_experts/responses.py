@@ -8,20 +8,26 @@ into a preallocated buffer.
 
 Responses stream to a cache of safetensors shards, each written atomically, so
 memory stays bounded and a killed run resumes where it stopped. The folder
-layout names the work::
+layout names everything that changes the numbers::
 
-    <cache>/responses/<model>-<fingerprint>/<unit kind>-<pooling>-len<max length>/<sentences hash>/
-        manifest.json         what was asked, and the fixed batching plan
+    <cache>/responses/<model>-<fingerprint>/<unit kind>-<pooling>-len<max length>-<dtype>-v<format>/<sentences hash>/
+        manifest.json         what was asked, the fixed batching plan, and a checksum per finished shard
         shard-00000.safetensors ...   rows (sentence indices) + responses
 
 Shard contents depend only on the manifest's plan, never on when a run was
-interrupted, so a resumed run ends bit-identical to an uninterrupted one.
+interrupted, so a resumed run ends bit-identical to an uninterrupted one. The
+first run of a folder fixes the plan; runs at the same time (even with other
+batch sizes) take a lock on the folder to read or write the manifest, so they
+all follow that one plan. A shard whose bytes no longer match its checksum, or
+a manifest that does not parse, is recomputed with a :class:`CacheRepairWarning`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,11 +39,24 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
+from .errors import CorruptFileError, InvalidArgumentError
+from .integrity import file_checksum
 from .models import LoadedModel, UnitSite, cache_root, decoder_stack, locate_units
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs on one cache are then unsupported
+    fcntl = None
 
 POOLINGS = ("max", "mean")
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+LOCK_NAME = ".lock"
+# Bump whenever what a shard holds changes meaning: old caches then live in other folders.
+CACHE_VERSION = 2
+
+
+class CacheRepairWarning(UserWarning):
+    """A cache file was corrupt (bad checksum, unreadable manifest) and is being recomputed."""
 
 
 @dataclass
@@ -52,6 +71,7 @@ class Responses:
     sites: list[UnitSite]
     n_sentences: int
     truncated: int  # sentences longer than max_length, cut to it
+    n_shards: int | None = None  # the plan's shard count; files beyond it belong to no plan of ours
 
     @property
     def n_units(self) -> int:
@@ -64,14 +84,23 @@ class Responses:
         return (self.n_sentences, self.n_units)
 
     def _shards(self) -> list[Path]:
-        return sorted(self.folder.glob("shard-*.safetensors"))
+        if self.n_shards is None:
+            return sorted(self.folder.glob("shard-*.safetensors"))
+        return [_shard_path(self.folder, i) for i in range(self.n_shards) if _shard_path(self.folder, i).exists()]
 
     def columns(self, start: int, stop: int) -> np.ndarray:
         """Responses of units ``start:stop`` to every sentence, shape (n_sentences, stop - start)."""
         out = np.empty((self.n_sentences, stop - start), dtype=np.float32)
+        filled = np.zeros(self.n_sentences, dtype=bool)
         for shard in self._shards():
             with safe_open(str(shard), framework="numpy") as f:
-                out[f.get_tensor("rows")] = f.get_slice("responses")[:, start:stop]
+                rows = f.get_tensor("rows")
+                out[rows] = f.get_slice("responses")[:, start:stop]
+                filled[rows] = True
+        # np.empty holds whatever memory held: a row no shard wrote must never reach a score.
+        if not filled.all():
+            raise CorruptFileError(f"The response cache {self.folder} lacks {int((~filled).sum())} sentences' "
+                                   "rows (a shard was deleted?). Run collect_responses again to fill it.")
         return out
 
     def to_numpy(self) -> np.ndarray:
@@ -87,12 +116,87 @@ def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-60:]
 
 
+def _dtype_name(model: LoadedModel) -> str:
+    return str(next(model.model.parameters()).dtype).removeprefix("torch.")
+
+
 def response_cache_folder(model: LoadedModel, sentences: Sequence[str], unit_kind: str, pooling: str,
                           max_length: int, cache_dir: str | Path | None = None) -> Path:
-    """Where the responses for this (model, sentences, unit kind, pooling, max length) live."""
+    """Where the responses for this (model and its dtype, sentences, unit kind, pooling, max length,
+    cache format) live."""
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "responses"
-    return (root / f"{_safe_name(model.name)}-{model.fingerprint[:16]}" / f"{unit_kind}-{pooling}-len{max_length}"
-            / _hash_sentences(sentences))
+    work = f"{unit_kind}-{pooling}-len{max_length}-{_dtype_name(model)}-v{CACHE_VERSION}"
+    return root / f"{_safe_name(model.name)}-{model.fingerprint[:16]}" / work / _hash_sentences(sentences)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on the cache folder: one process at a time reads-modifies-writes the manifest."""
+    if fcntl is None:
+        yield
+        return
+    with open(folder / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _valid_manifest(manifest, expected: dict) -> str | None:
+    """Why ``manifest`` cannot be trusted for this work, or None when it can."""
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    changed = [k for k, v in expected.items() if manifest.get(k) != v]
+    if changed:
+        return f"it was written for other settings ({', '.join(changed)})"
+    shards, checksums = manifest.get("shards"), manifest.get("checksums")
+    if not isinstance(checksums, dict) or not isinstance(manifest.get("truncated"), int):
+        return "fields are missing"
+    try:
+        rows = np.array([r for shard in shards for batch in shard for r in batch], dtype=np.int64)
+    except (TypeError, ValueError):
+        return "its plan is not lists of sentence indices"
+    if not all(batch for shard in shards for batch in shard) or not np.array_equal(
+            np.sort(rows), np.arange(expected["n_sentences"])):
+        return "its plan does not cover every sentence exactly once"
+    return None
+
+
+def _read_manifest(path: Path, expected: dict) -> dict | None:
+    """The manifest at ``path`` if it can be trusted; None (after a warning) if it exists but cannot."""
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        why = _valid_manifest(manifest, expected)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        why = "it is not valid JSON (truncated?)"
+    if why is None:
+        return manifest
+    warnings.warn(f"Response cache manifest {path} is corrupt ({why}); recomputing this cache folder.",
+                  CacheRepairWarning, stacklevel=3)
+    return None
+
+
+def _shard_path(folder: Path, i: int) -> Path:
+    return folder / f"shard-{i:05d}.safetensors"
+
+
+def _verified_shards(folder: Path, manifest: dict) -> set[int]:
+    """Indices of shards on disk whose bytes match the manifest's checksum; warns about the others."""
+    good = set()
+    for i in range(len(manifest["shards"])):
+        path = _shard_path(folder, i)
+        if not path.exists():
+            continue
+        expected = manifest["checksums"].get(str(i))
+        if expected is not None and file_checksum(path) == expected:
+            good.add(i)
+        elif expected is not None:
+            warnings.warn(f"Response cache shard {path} does not match its checksum (truncated or overwritten); "
+                          "recomputing it.", CacheRepairWarning, stacklevel=3)
+    return good
 
 
 def _plan(model: LoadedModel, sentences: Sequence[str], max_length: int, batch_size: int,
@@ -165,34 +269,38 @@ def collect_responses(
         :class:`Responses`, an (n_sentences, n_units) float32 matrix on disk.
     """
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
+        raise InvalidArgumentError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
     if not sentences:
-        raise ValueError("No sentences to collect responses for.")
-    if len(set(sentences)) != len(sentences):
-        raise ValueError("Sentences must be distinct; build them with ConceptSet, which collects each once.")
+        raise InvalidArgumentError("No sentences to collect responses for.")
     if any(not isinstance(s, str) or not s.strip() for s in sentences):
-        raise ValueError("Every sentence must be a non-empty string.")
-    if max_length < 1 or batch_size < 1 or shard_size < 1:
-        raise ValueError("max_length, batch_size and shard_size must be positive integers.")
+        raise InvalidArgumentError("Every sentence must be a non-empty string.")
+    if len(set(sentences)) != len(sentences):
+        raise InvalidArgumentError("Sentences must be distinct; build them with ConceptSet, which collects each once.")
+    for name, value in (("max_length", max_length), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer; got {value!r}.")
     sites = locate_units(model.model, unit_kind)
     folder = response_cache_folder(model, sentences, unit_kind, pooling, max_length, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
 
     manifest_path = folder / MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+    expected = {"version": CACHE_VERSION, "fingerprint": model.fingerprint, "dtype": _dtype_name(model),
+                "unit_kind": unit_kind, "pooling": pooling, "max_length": max_length,
+                "n_sentences": len(sentences), "sites": [s.__dict__ for s in sites]}
+    with _locked(folder):
+        manifest = _read_manifest(manifest_path, expected)
+        if manifest is None:
+            # Shards of an unreadable manifest follow an unknown plan: none can be trusted.
+            for stale in folder.glob("shard-*.safetensors"):
+                stale.unlink()
+            shards, truncated = _plan(model, sentences, max_length, batch_size, shard_size)
+            manifest = {**expected, "model": model.name, "truncated": truncated, "shards": shards, "checksums": {}}
+            atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest)))
         shards, truncated = manifest["shards"], manifest["truncated"]
-    else:
-        shards, truncated = _plan(model, sentences, max_length, batch_size, shard_size)
-        manifest = {
-            "version": CACHE_VERSION, "model": model.name, "fingerprint": model.fingerprint, "unit_kind": unit_kind,
-            "pooling": pooling, "max_length": max_length, "n_sentences": len(sentences), "truncated": truncated,
-            "sites": [s.__dict__ for s in sites], "shards": shards,
-        }
-        atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest)))
-    responses = Responses(folder, sites, len(sentences), truncated)
+        done = _verified_shards(folder, manifest)
+    responses = Responses(folder, sites, len(sentences), truncated, len(shards))
 
-    todo = [i for i in range(len(shards)) if not (folder / f"shard-{i:05d}.safetensors").exists()]
+    todo = [i for i in range(len(shards)) if i not in done]
     if not todo:
         return responses
     n_todo = sum(len(b) for i in todo for b in shards[i])
@@ -214,15 +322,31 @@ def collect_responses(
                 pooler.mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
                 empty = (~pooler.mask.any(dim=1)).nonzero().flatten().tolist()
                 if empty:
-                    raise ValueError(f"Sentence {sentences[batch[empty[0]]]!r} has only special tokens; remove it.")
+                    raise InvalidArgumentError(f"Sentence {sentences[batch[empty[0]]]!r} has only special tokens; remove it.")
                 pooler.out = torch.empty((len(batch), responses.n_units), dtype=torch.float32, device=device)
                 stack(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
                 shard[done:done + len(batch)] = pooler.out.cpu().numpy()
                 done += len(batch)
                 bar.update(len(batch))
             tensors = {"rows": np.asarray(rows, dtype=np.int64), "responses": shard}
-            atomic_write(folder / f"shard-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
+            _store_shard(folder, i, tensors)
     finally:
         pooler.remove()
         bar.close()
     return responses
+
+
+def _store_shard(folder: Path, i: int, tensors: dict[str, np.ndarray]) -> None:
+    """Write shard ``i`` atomically and record its checksum in the manifest, both under the folder lock."""
+    path = _shard_path(folder, i)
+    with _locked(folder):
+        manifest_path = folder / MANIFEST
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        planned = [r for batch in manifest["shards"][i] for r in batch] if i < len(manifest["shards"]) else None
+        # Another run may have replaced a corrupt manifest with a new plan meanwhile: our rows would not fit it.
+        if planned != tensors["rows"].tolist():
+            raise CorruptFileError(f"The plan of the response cache {folder} changed while this run was writing "
+                                   "it (another run repaired the cache). Run again: finished shards are kept.")
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
+        manifest["checksums"][str(i)] = file_checksum(path)
+        atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest)))

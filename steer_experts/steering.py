@@ -48,6 +48,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -56,10 +57,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, claim_output_folder
+from .errors import CorruptFileError
+from .integrity import STAMP_KEY, check_steered_save, header_metadata, load_verified, stamp
 from .experts import VALUE_STATS, ExpertSet, ModelMismatchError
 from .interventions import ExpertIntervention, build_intervenable, pyvene_call
 from .models import LoadedModel, UnitSite, locate_units
@@ -72,6 +75,8 @@ FORMAT_VERSION = 2
 CONFIG_NAME = "steering.json"
 WEIGHTS_NAME = "steering.safetensors"
 CARD_NAME = "README.md"
+PYVENE_DIR = "pyvene"
+SAVED_NAMES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, PYVENE_DIR, ".pyvene-*")
 _PLAN_ARRAYS = ("layer", "neuron", "concept", "weight", "target", "bound", "ap", "auroc")
 
 
@@ -456,31 +461,35 @@ class SteeredModel:
                 "base_model": {"name": self.base.name, "fingerprint": self.base.fingerprint},
                 "positions": self.positions, **self.method_config()}
 
-    def save_pretrained(self, folder: str | Path, repo_id: str | None = None) -> Path:
+    def save_pretrained(self, folder: str | Path, repo_id: str | None = None, overwrite: bool = False) -> Path:
         """Write the steered model (not the base weights) to ``folder``; returns it.
 
         ``repo_id`` only fills the loading example of the model card.
         Files: ``steering.json`` and ``steering.safetensors`` (what :meth:`from_pretrained`
-        reads; never pickles), ``README.md`` (model card), and pyvene's own ``config.json``
-        + ``intkey_*.bin`` so ``pyvene.IntervenableModel.load(folder, model)`` works too.
+        reads; never pickles), ``README.md`` (model card), and pyvene's own files in ``pyvene/``
+        so ``pyvene.IntervenableModel.load(folder / "pyvene", model)`` works too. A folder that
+        holds other files (e.g. a model's) is refused unless ``overwrite=True``.
         """
         from .hub import render_model_card
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = claim_output_folder(folder, SAVED_NAMES, overwrite=overwrite, what="steered model")
         config = self.config()
         arrays = {key: np.ascontiguousarray(value) for key, value in self.method_arrays().items()}
+        config[STAMP_KEY] = stamp(arrays, config)
         if self.interventions:
+            # pyvene writes its own config.json: kept in a subfolder so it can never replace a model's.
             with tempfile.TemporaryDirectory(dir=folder, prefix=".pyvene-") as tmp:
                 with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... exists"
                     self.intervenable.save(tmp)
-                written = set(os.listdir(tmp))
-                for stale in folder.glob("intkey_*.bin"):
-                    if stale.name not in written:
-                        stale.unlink()
-                for name in written:
-                    os.replace(Path(tmp) / name, folder / name)
-        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(arrays, str(p)))
+                new = Path(f"{tmp}-new")
+                os.replace(tmp, new)
+                if (folder / PYVENE_DIR).exists():
+                    os.replace(folder / PYVENE_DIR, tmp)  # the old one is deleted with the temporary folder
+                os.replace(new, folder / PYVENE_DIR)
+        elif (folder / PYVENE_DIR).exists():
+            shutil.rmtree(folder / PYVENE_DIR)  # ours, from an earlier save of a method with interventions
+        atomic_write(folder / WEIGHTS_NAME,
+                     lambda p: save_file(arrays, str(p), metadata=header_metadata(config[STAMP_KEY])))
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=1)))
         atomic_write(folder / CARD_NAME, lambda p: Path(p).write_text(render_model_card(config, repo_id)))
         return folder
@@ -506,10 +515,10 @@ class SteeredModel:
             if method is None:
                 raise ValueError(f"unknown steering method {config.get('method')!r}; known: {sorted(STEERING_METHODS)}")
             base = config["base_model"]
-            arrays = load_file(str(folder / WEIGHTS_NAME))
+            arrays = load_verified(folder / WEIGHTS_NAME, config, what="steered model")
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
-            raise ValueError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
-                             "Re-create it with SteeredModel.save_pretrained.") from None
+            raise CorruptFileError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
+                                   "Re-create it with SteeredModel.save_pretrained.") from None
         if model.fingerprint != base["fingerprint"]:
             raise ModelMismatchError(
                 f"This steered model was saved for {base['name']!r} (fingerprint {base['fingerprint'][:12]}), "
@@ -517,9 +526,12 @@ class SteeredModel:
                 "Load the base model it was made with.")
         try:
             return method.from_saved(model, config, arrays)
+        except CorruptFileError as err:
+            raise CorruptFileError(f"{folder} is not a valid steered model ({err}). "
+                                   "Re-create it with SteeredModel.save_pretrained.") from None
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
-                             "Re-create it with SteeredModel.save_pretrained.") from None
+            raise CorruptFileError(f"{folder} is not a valid steered model ({type(err).__name__}: {err}). "
+                                   "Re-create it with SteeredModel.save_pretrained.") from None
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload exactly what :meth:`save_pretrained` writes to the Hub repo ``repo_id``; returns its URL.
@@ -585,7 +597,8 @@ class ExpertSteeredModel(SteeredModel):
 
     @classmethod
     def from_saved(cls, model: LoadedModel, config: dict, arrays: dict[str, np.ndarray]) -> "ExpertSteeredModel":
-        """Rebuild from the saved plan, checked against the sites of ``model``."""
+        """Rebuild from the saved plan, checked against its spec and the sites of ``model``."""
+        check_steered_save(config, arrays, "the plan")
         plan = SteeringPlan(list(config["concepts"]), *(arrays[key] for key in _PLAN_ARRAYS),
                             contested=int(config["contested_units"]))
         spec = SteeringSpec(**config["spec"])

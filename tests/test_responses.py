@@ -72,7 +72,7 @@ def test_columns_stream_the_same_matrix(tiny_model, tmp_path):
 
 def test_cache_key_names_the_work(tiny_model, tmp_path):
     base = response_cache_folder(tiny_model, SENTENCES, "mlp", "max", 128, tmp_path)
-    assert base.relative_to(tmp_path).parts[1] == "mlp-max-len128"
+    assert base.relative_to(tmp_path).parts[1] == f"mlp-max-len128-float32-v{responses_module.CACHE_VERSION}"
     others = {
         response_cache_folder(tiny_model, SENTENCES[:-1], "mlp", "max", 128, tmp_path),
         response_cache_folder(tiny_model, SENTENCES, "mlp", "mean", 128, tmp_path),
@@ -106,7 +106,7 @@ def test_killed_run_resumes_bit_identically(smollm2, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         collect_responses(smollm2, sentences, cache_dir=tmp_path / "b", **kw)
     folder = response_cache_folder(smollm2, sentences, "mlp", "max", 128, tmp_path / "b")
-    assert [p.name for p in sorted(folder.iterdir())] == ["manifest.json", "shard-00000.safetensors"]
+    assert [p.name for p in sorted(folder.iterdir()) if p.name != ".lock"] == ["manifest.json", "shard-00000.safetensors"]
     monkeypatch.setattr(responses_module, "save_file", real_save)
     resumed = collect_responses(smollm2, sentences, cache_dir=tmp_path / "b", batch_size=7, progress=False)
     assert np.array_equal(resumed.to_numpy(), uninterrupted)

@@ -229,7 +229,7 @@ import pyvene
 from transformers import AutoModelForCausalLM
 assert "steer_experts" not in sys.modules
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-intervenable = pyvene.IntervenableModel.load(steered_dir, model)
+intervenable = pyvene.IntervenableModel.load(steered_dir + "/pyvene", model)
 assert "steer_experts.interventions" in sys.modules
 torch.manual_seed(11)
 _, by_pyvene = intervenable.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
@@ -282,8 +282,10 @@ def test_saved_folder_and_model_card(tiny_llama, tmp_path):
     steered = steer(tiny_llama, experts, {"football": 1.0, "woman": -1.0}, tau=0.97, alpha=1.5)
     folder = steered.save_pretrained(tmp_path / "s")
     names = sorted(p.name for p in folder.iterdir())
-    assert {"README.md", "steering.json", "steering.safetensors", "config.json"} <= set(names)
-    assert len([n for n in names if n.startswith("intkey_")]) == len(set(steered.plan.layer.tolist()))
+    assert sorted(names) == ["README.md", "pyvene", "steering.json", "steering.safetensors"]
+    pyvene_names = [p.name for p in (folder / "pyvene").iterdir()]
+    assert "config.json" in pyvene_names
+    assert len([n for n in pyvene_names if n.startswith("intkey_")]) == len(set(steered.plan.layer.tolist()))
     assert not [n for n in names if n.startswith(".")], "no temporary files left behind"
     card = (folder / "README.md").read_text()
     assert tiny_llama.fingerprint in card and tiny_llama.name in card
@@ -319,16 +321,16 @@ def test_push_uploads_exactly_the_saved_folder(tiny_llama, monkeypatch, tmp_path
     uploaded = {}
 
     def fake_upload(folder, repo_id, **kwargs):
-        uploaded.update({p.name: p.read_bytes() for p in Path(folder).iterdir()})
+        uploaded.update({str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()})
         return f"https://huggingface.co/{repo_id}"
 
     monkeypatch.setattr(hub, "upload_folder", fake_upload)
     steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=5)
     assert steered.push_to_hub("someone/x") == "https://huggingface.co/someone/x"
     saved = steered.save_pretrained(tmp_path / "s", repo_id="someone/x")
-    on_disk = {p.name: p.read_bytes() for p in saved.iterdir()}
+    on_disk = {str(p.relative_to(saved)): p.read_bytes() for p in saved.rglob("*") if p.is_file()}
     assert uploaded.keys() == on_disk.keys()
-    assert all(uploaded[n] == on_disk[n] for n in on_disk)
+    assert [n for n in on_disk if uploaded[n] != on_disk[n]] == []
     assert "SteeredModel.from_pretrained('someone/x'" in on_disk["README.md"].decode()
 
 

@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from ..concepts import Concept
+from ..errors import InvalidArgumentError
 from .sentence_encoder import SentenceEncoder
 
 
@@ -55,10 +56,10 @@ class ConceptClassifier:
         Raises ValueError without positives or negatives, or for a bad fraction.
         """
         if not concept.positives or not concept.negatives:
-            raise ValueError(f"Concept {concept.name!r} needs positives and negatives to fit a classifier; "
+            raise InvalidArgumentError(f"Concept {concept.name!r} needs positives and negatives to fit a classifier; "
                              "sample negatives first (ConceptSet.with_sampled_negatives).")
         if not 0.0 < held_out < 1.0:
-            raise ValueError(f"held_out must be a fraction in (0, 1); got {held_out!r}.")
+            raise InvalidArgumentError(f"held_out must be a fraction in (0, 1); got {held_out!r}.")
         encoder = encoder or SentenceEncoder()
         sentences = list(concept.positives) + list(concept.negatives)
         labels = np.array([1] * len(concept.positives) + [0] * len(concept.negatives))
@@ -85,5 +86,5 @@ class ConceptClassifier:
     def score(self, texts: Sequence[str]) -> float:
         """The concept score of ``texts``: their mean p(about the concept), in [0, 1]."""
         if not len(texts):
-            raise ValueError("score got no texts; generate at least one continuation first.")
+            raise InvalidArgumentError("score got no texts; generate at least one continuation first.")
         return float(self.probabilities(texts).mean())
