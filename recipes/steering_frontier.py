@@ -60,6 +60,7 @@ from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.diffmean import ResidualMeans, aligned_scores, residual_means, steer_diffmean  # noqa: E402
 from steer_experts.evaluation import concept_presence, concept_words, distinct_n, perplexity, self_bleu  # noqa: E402
 from steer_experts.evaluation.concept_score import ConceptClassifier  # noqa: E402
+from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
 from steer_experts.prompting import steer_prompt  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 
@@ -98,7 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--sampling", choices=sorted(SAMPLING), default="paper",
                    help="paper: T=1, top-k 10; nucleus: T=0.7, top-p 0.9")
-    p.add_argument("--batch-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=96, help="continuations generated at once")
+    p.add_argument("--score-batch-size", type=int, default=16,
+                   help="texts scored at once (Gemma's 262k-word logits take ~1 GB per 16 texts of 50 tokens)")
     p.add_argument("--scorer", help="model that scores perplexity (default: the other embedded model)")
     p.add_argument("--ppl-budget", type=float, default=2.0,
                    help="an operating point's perplexity is at most this multiple of the unsteered one")
@@ -191,7 +194,7 @@ def run_cell(steered, scorer, prompts: list[str], args: argparse.Namespace) -> l
     asked = [p for p in prompts for _ in range(args.samples_per_prompt)]
     texts = steered.complete(asked, max_new_tokens=args.max_new_tokens, do_sample=True, seed=args.seed,
                              batch_size=args.batch_size, **SAMPLING[args.sampling])
-    ppl = perplexity(texts, scorer.model, scorer.tokenizer, prompts=asked, batch_size=args.batch_size,
+    ppl = perplexity(texts, scorer.model, scorer.tokenizer, prompts=asked, batch_size=args.score_batch_size,
                      progress=False)
     return [dict(prompt_index=i // args.samples_per_prompt, prompt=asked[i], text=texts[i], ppl=float(ppl[i]))
             for i in range(len(texts))]
@@ -347,7 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
             run.write_cell(name, rows)
         return run.read_cell(name)
 
-    classifiers = {c: ConceptClassifier.fit(concepts[c], seed=args.seed) for c in names}
+    encoder = SentenceEncoder()
+    classifiers = {c: ConceptClassifier.fit(concepts[c], encoder, seed=args.seed) for c in names}
     dev_rows, test_rows = [], []
     for concept in names:
         words = concept_words(concept_word(concept))
