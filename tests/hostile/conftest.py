@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+
+from ..test_interventions import synthetic_experts
 
 
 @pytest.fixture(scope="package")
@@ -30,21 +31,7 @@ def tiny_folder(tiny, tmp_path_factory):
     return folder
 
 
-def random_experts(loaded, concepts=("football", "woman"), seed=0):
-    """An ExpertSet of ``loaded`` with random statistics (AP, AUROC in [0, 1])."""
-    from steer_experts.expertise import Expertise
-    from steer_experts.experts import ExpertSet
-    from steer_experts.models import locate_units
-
-    sites = locate_units(loaded.model, "mlp")
-    n_units = sum(s.width for s in sites)
-    rng = np.random.default_rng(seed)
-    stats = {s: rng.random((len(concepts), n_units)) for s in ("ap", "auroc")}
-    stats.update({s: rng.normal(2.0, 1.0, (len(concepts), n_units)).astype(np.float32)
-                  for s in ("on_p50", "on_mean", "on_p90", "off_mean")})
-    n = len(concepts)
-    expertise = Expertise(list(concepts), **stats, n_positives=np.full(n, 50), n_negatives=np.full(n, 100))
-    return ExpertSet(expertise, sites, loaded.name, loaded.fingerprint)
+random_experts = synthetic_experts  # random statistics, AP and AUROC in [0, 1]
 
 
 @pytest.fixture(scope="package")
