@@ -2,9 +2,10 @@
 
 The AxBench protocol, offline. For each concept, every method's strength is swept
 on one half of the neutral prompts (the *dev* half); each method's operating
-point -- its highest concept score whose perplexity is within ``--ppl-budget``
-times the unsteered one -- is chosen there, then generated again and reported on
-the other half (the *test* half), with 95% bootstrap intervals over test prompts.
+point -- its highest concept score whose perplexity is within a budget
+(``--ppl-budgets``, by default 1.5 and 2 times the unsteered one) -- is chosen
+there, then generated again and reported on the other half (the *test* half),
+with 95% bootstrap intervals over test prompts.
 
 Methods (each one family of settings; ``--methods`` picks some):
 
@@ -26,7 +27,8 @@ Scores of a text: the concept classifier (logistic regression on all-MiniLM-L6-v
 embeddings, fitted on the concept's positives vs negatives; its held-out
 accuracy is reported), p(word) (the concept word or its inflections), perplexity
 of the continuation given its prompt under a *different* model (Gemma-3-270M for
-SmolLM2), distinct-2 and Self-BLEU-4 (per prompt).
+SmolLM2; a cell's perplexity is exp of its mean token NLL, so texts weigh by their
+length), distinct-2 and Self-BLEU-4 (per prompt).
 
 Outputs (``--out``; see recipe_io for the folder layout): cells/*.jsonl (texts
 and perplexities, one file per cell; a killed run resumes), means/*.safetensors
@@ -103,8 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--score-batch-size", type=int, default=16,
                    help="texts scored at once (Gemma's 262k-word logits take ~1 GB per 16 texts of 50 tokens)")
     p.add_argument("--scorer", help="model that scores perplexity (default: the other embedded model)")
-    p.add_argument("--ppl-budget", type=float, default=2.0,
-                   help="an operating point's perplexity is at most this multiple of the unsteered one")
+    p.add_argument("--ppl-budgets", default="1.5,2",
+                   help="operating points' perplexity budgets, multiples of the unsteered perplexity (each > 1)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="sampling, prompt split, classifier split, bootstrap")
     p.add_argument("--cache-dir", help="response cache root (default: the library's)")
@@ -116,8 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not 2 <= args.n_prompts <= len(FRONTIER_PROMPTS):
         p.error(f"--n-prompts must be in [2, {len(FRONTIER_PROMPTS)}]")
-    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or args.ppl_budget <= 1:
-        p.error("--samples-per-prompt and --max-new-tokens must be >= 1, --ppl-budget > 1")
+    try:
+        args.ppl_budgets = sorted({float(b) for b in args.ppl_budgets.split(",") if b.strip()})
+    except ValueError:
+        p.error(f"--ppl-budgets takes numbers, e.g. 1.5,2; got {args.ppl_budgets!r}")
+    if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or not args.ppl_budgets or min(args.ppl_budgets) <= 1:
+        p.error("--samples-per-prompt and --max-new-tokens must be >= 1, every --ppl-budgets value > 1")
     try:
         args.grid = json.loads(args.grid) if args.grid else {}
     except json.JSONDecodeError as err:
@@ -203,31 +209,40 @@ def run_cell(steered, scorer, prompts: list[str], args: argparse.Namespace) -> l
 # --------------------------------------------------------------------------- metrics
 
 
-def prompt_bootstrap(rows: list[dict], base: list[dict], values, n_boot: int, seed: int) -> dict:
-    """Concept score, p(word) and perplexity ratio to ``base`` with 95% intervals, resampling
-    prompts (the same resampled prompts for the cell and the unsteered base)."""
+def prompt_bootstrap(rows: list[dict], base: list[dict], values: dict, n_boot: int, seed: int) -> dict:
+    """Weighted means with 95% intervals, resampling prompts (the same resampled prompts for the
+    cell and the unsteered ``base``).
+
+    ``values`` maps a name to a function of rows giving (value, weight) arrays, one pair per row;
+    the statistic is sum(value * weight) / sum(weight). ``"nll"`` (mean token negative
+    log-likelihood) is also computed on ``base`` and reported as ``ppl`` = exp(nll) and
+    ``ppl_ratio`` = exp(nll - base nll).
+    """
     prompts = sorted({r["prompt_index"] for r in rows})
     index = {p: i for i, p in enumerate(prompts)}
 
-    def per_prompt(rs, key):
-        sums, counts = np.zeros(len(prompts)), np.zeros(len(prompts))
-        for r, v in zip(rs, key(rs)):
-            if np.isfinite(v):
-                sums[index[r["prompt_index"]]] += v
-                counts[index[r["prompt_index"]]] += 1
-        return sums, counts
+    def per_prompt(rs, fn):
+        value, weight = (np.asarray(x, dtype=float) for x in fn(rs))
+        sums, weights = np.zeros(len(prompts)), np.zeros(len(prompts))
+        for r, v, w in zip(rs, value, weight):
+            if np.isfinite(v) and w > 0:
+                sums[index[r["prompt_index"]]] += v * w
+                weights[index[r["prompt_index"]]] += w
+        return sums, weights
 
     series = {name: per_prompt(rows, fn) for name, fn in values.items()}
-    series["base_ppl"] = per_prompt(base, lambda rs: [r["ppl"] for r in rs])
+    series["base_nll"] = per_prompt(base, values["nll"])
     rng = np.random.default_rng(seed)
     draws = [np.arange(len(prompts))] + [rng.integers(0, len(prompts), len(prompts)) for _ in range(n_boot)]
-    stats: dict[str, list[float]] = {name: [] for name in values}
-    stats["ppl_ratio"] = []
+    stats: dict[str, list[float]] = {name: [] for name in values if name != "nll"}
+    stats.update(ppl=[], ppl_ratio=[])
     for d in draws:
-        mean = {name: s[d].sum() / max(c[d].sum(), 1) for name, (s, c) in series.items()}
+        mean = {name: s[d].sum() / max(w[d].sum(), 1e-12) for name, (s, w) in series.items()}
         for name in values:
-            stats[name].append(mean[name])
-        stats["ppl_ratio"].append(mean["ppl"] / mean["base_ppl"])
+            if name != "nll":
+                stats[name].append(mean[name])
+        stats["ppl"].append(float(np.exp(mean["nll"])))
+        stats["ppl_ratio"].append(float(np.exp(mean["nll"] - mean["base_nll"])))
     out = {}
     for name, v in stats.items():
         low, high = np.quantile(v[1:], [0.025, 0.975])
@@ -235,13 +250,23 @@ def prompt_bootstrap(rows: list[dict], base: list[dict], values, n_boot: int, se
     return out
 
 
+def token_nll(rows: list[dict], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: mean token NLL (log of its perplexity, nats) and its number of scored tokens, so
+    that a cell's perplexity weighs texts by length: a two-token text with perplexity 10^4
+    must not outweigh 89 full continuations."""
+    n_tokens = [len(ids) for ids in tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]]
+    return np.log([r["ppl"] for r in rows]), np.asarray(n_tokens, dtype=float)
+
+
 def cell_metrics(rows: list[dict], base: list[dict], classifier: ConceptClassifier, words: list[str],
-                 args: argparse.Namespace) -> dict:
+                 scorer_tokenizer, args: argparse.Namespace) -> dict:
     """Every metric of one cell (see the module docstring)."""
     texts = [r["text"] for r in rows]
     p_concept = classifier.probabilities(texts)
-    values = {"concept_score": lambda rs: p_concept, "p_word": lambda rs: concept_presence(texts, words),
-              "ppl": lambda rs: [r["ppl"] for r in rs]}
+    ones = np.ones(len(rows))
+    values = {"concept_score": lambda rs: (p_concept, ones),
+              "p_word": lambda rs: (concept_presence(texts, words), ones),
+              "nll": lambda rs: token_nll(rs, scorer_tokenizer)}
     out = prompt_bootstrap(rows, base, values, args.n_boot, args.seed)
     by_prompt: dict[int, list[str]] = {}
     for r in rows:
@@ -264,7 +289,7 @@ def choose(rows: list[dict], budget: float) -> dict | None:
 # --------------------------------------------------------------------------- figures and report
 
 
-def plot_frontier(concept: str, dev: list[dict], test: list[dict], budget: float, path: Path) -> None:
+def plot_frontier(concept: str, dev: list[dict], test: list[dict], budgets: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for method in METHODS:
@@ -285,7 +310,8 @@ def plot_frontier(concept: str, dev: list[dict], test: list[dict], budget: float
                     xerr=[[r["ppl_ratio"] - r["ppl_ratio_low"]], [r["ppl_ratio_high"] - r["ppl_ratio"]]],
                     yerr=[[r["concept_score"] - r["concept_score_low"]], [r["concept_score_high"] - r["concept_score"]]],
                     fmt="*", ms=11, color=colours.get(r["method"], "black"), mec="black", capsize=2)
-    ax.axvline(budget, color="grey", ls=":", lw=1)
+    for budget in budgets:
+        ax.axvline(budget, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("perplexity / unsteered perplexity (log)")
     ax.set_ylabel("concept score (classifier)")
@@ -300,27 +326,34 @@ def report(out: Path, args, classifiers: dict, dev_rows: list[dict], test_rows: 
     lines = [f"# Steering frontier ({args.model}, sampling {args.sampling}: {SAMPLING[args.sampling]})", "",
              f"{args.n_prompts} neutral prompts, half to choose each method's setting (dev), half to report it "
              f"(test); {args.samples_per_prompt} samples each, {args.max_new_tokens} new tokens. Operating point: "
-             f"the highest dev concept score within {args.ppl_budget:g}x the unsteered perplexity. Intervals: "
+             f"the highest dev concept score within a budget of the unsteered perplexity. Intervals: "
              f"95% bootstrap over test prompts.", ""]
     for concept, clf in classifiers.items():
-        mine = [r for r in test_rows if r["concept"] == concept]
         lines += [f"## {concept_word(concept)}", "",
-                  f"Classifier held-out accuracy {clf.held_out_accuracy:.3f} ({clf.n_held_out} sentences).", "",
-                  "| method | setting (chosen on dev) | concept score [95% CI] | perplexity ratio [95% CI] | p(word) | distinct-2 |",
-                  "|---|---|---|---|---|---|"]
-        for r in mine:
+                  f"Classifier held-out accuracy {clf.held_out_accuracy:.3f} ({clf.n_held_out} sentences).", ""]
+        for budget in args.ppl_budgets:
+            lines += _budget_table([r for r in test_rows if r["concept"] == concept and r["budget"] == budget],
+                                   [r for r in dev_rows if r["concept"] == concept], budget)
+        lines += ["", f"![frontier](frontier_{RunFolder.cell_id(concept=concept)}.png)", ""]
+    text = "\n".join(lines) + "\n"
+    write_text(out / "report.md", text)
+    return text
+
+
+def _budget_table(mine: list[dict], dev: list[dict], budget: float) -> list[str]:
+    lines = [f"Within {budget:g}x the unsteered perplexity:", "",
+             "| method | setting (chosen on dev) | concept score [95% CI] | perplexity ratio [95% CI] | p(word) "
+             "| distinct-2 |", "|---|---|---|---|---|---|"]
+    for r in mine:
             lines.append(
                 f"| {r['method']}{' (best variant)' if r.get('best_variant') else ''} | {r['setting']} | "
                 f"{r['concept_score']:.2f} [{r['concept_score_low']:.2f}, {r['concept_score_high']:.2f}] | "
                 f"{r['ppl_ratio']:.2f} [{r['ppl_ratio_low']:.2f}, {r['ppl_ratio_high']:.2f}] | {r['p_word']:.2f} | "
                 f"{r['distinct2']:.2f} |")
-        missing = sorted({r["method"] for r in dev_rows if r["concept"] == concept} - {r["method"] for r in mine})
-        if missing:
-            lines.append(f"\nNo setting within the budget on dev: {', '.join(missing)}.")
-        lines += ["", f"![frontier](frontier_{RunFolder.cell_id(concept=concept)}.png)", ""]
-    text = "\n".join(lines) + "\n"
-    write_text(out / "report.md", text)
-    return text
+    missing = sorted({r["method"] for r in dev} - {r["method"] for r in mine})
+    if missing:
+        lines.append(f"\nNo setting within the budget on dev: {', '.join(missing)}.")
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------- main
@@ -353,6 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = SentenceEncoder()
     classifiers = {c: ConceptClassifier.fit(concepts[c], encoder, seed=args.seed) for c in names}
     dev_rows, test_rows = [], []
+
+    def metrics(rows, base_rows, concept, words):
+        return cell_metrics(rows, base_rows, classifiers[concept], words, scorer.tokenizer, args)
+
     for concept in names:
         words = concept_words(concept_word(concept))
         base = {half: cell(concept, half, "base", {}) for half in halves}
@@ -360,25 +397,27 @@ def main(argv: list[str] | None = None) -> dict:
         for method, setting in tqdm(todo, desc=f"{concept_word(concept)} dev sweep", unit="cell"):
             rows = cell(concept, "dev", method, setting)
             dev_rows.append(dict(concept=concept, half="dev", method=method, setting=json.dumps(setting),
-                                 **cell_metrics(rows, base["dev"], classifiers[concept], words, args)))
-        chosen = {}
-        for method in grid:
-            point = choose([r for r in dev_rows if r["concept"] == concept and r["method"] == method], args.ppl_budget)
-            if point is not None:
-                chosen[method] = point
-        variants = [m for m in EXPERT_VARIANTS if m in chosen]
-        best_variant = max(variants, key=lambda m: chosen[m]["concept_score"]) if variants else None
-        test_rows.append(dict(concept=concept, half="test", method="base", setting="{}",
-                              **cell_metrics(base["test"], base["test"], classifiers[concept], words, args)))
-        for method, point in chosen.items():
-            setting = json.loads(point["setting"])
-            rows = cell(concept, "test", method, setting)
-            test_rows.append(dict(concept=concept, half="test", method=method, setting=point["setting"],
-                                  best_variant=method == best_variant,
-                                  **cell_metrics(rows, base["test"], classifiers[concept], words, args)))
+                                 **metrics(rows, base["dev"], concept, words)))
+        base_test = metrics(base["test"], base["test"], concept, words)
+        for budget in args.ppl_budgets:
+            chosen = {}
+            for method in grid:
+                mine = [r for r in dev_rows if r["concept"] == concept and r["method"] == method]
+                point = choose(mine, budget)
+                if point is not None:
+                    chosen[method] = point
+            variants = [m for m in EXPERT_VARIANTS if m in chosen]
+            best_variant = max(variants, key=lambda m: chosen[m]["concept_score"]) if variants else None
+            test_rows.append(dict(concept=concept, half="test", budget=budget, method="base", setting="{}",
+                                  **base_test))
+            for method, point in chosen.items():
+                rows = cell(concept, "test", method, json.loads(point["setting"]))
+                test_rows.append(dict(concept=concept, half="test", budget=budget, method=method,
+                                      setting=point["setting"], best_variant=method == best_variant,
+                                      **metrics(rows, base["test"], concept, words)))
         plot_frontier(concept, [r for r in dev_rows if r["concept"] == concept],
-                      [r for r in test_rows if r["concept"] == concept], args.ppl_budget,
-                      run.root / f"frontier_{RunFolder.cell_id(concept=concept)}.png")
+                      [r for r in test_rows if r["concept"] == concept and r["budget"] == max(args.ppl_budgets)],
+                      args.ppl_budgets, run.root / f"frontier_{RunFolder.cell_id(concept=concept)}.png")
     write_csv(run.root / "frontier.csv", dev_rows + test_rows)
     write_csv(run.root / "operating_points.csv", test_rows)
     text = report(run.root, args, classifiers, dev_rows, test_rows)

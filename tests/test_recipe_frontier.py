@@ -21,7 +21,13 @@ GRID = {"experts": [{"k": 3, "alpha": 1.0}, {"k": 30, "alpha": 1.0}], "experts_l
         "diffmean": [{"layer": 15, "factor": 0.2}, {"layer": 25, "factor": 0.8}]}
 
 
-def test_steering_frontier(example_experts, tmp_path, monkeypatch):
+def token_weighted_ppl(rows, scorer):
+    """exp(total NLL / total tokens) of the rows' texts, from each text's perplexity and length."""
+    n = np.array([len(scorer.tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in rows])
+    return float(np.exp(np.sum(np.log([r["ppl"] for r in rows]) * n) / n.sum()))
+
+
+def test_steering_frontier(example_experts, smollm2, tmp_path, monkeypatch):
     frontier = recipe("steering_frontier")
     out = tmp_path / "frontier"
     argv = ["--out", str(out), "--experts", str(example_experts), "--concepts", str(EXAMPLES), "--concept", "football",
@@ -45,20 +51,21 @@ def test_steering_frontier(example_experts, tmp_path, monkeypatch):
         assert row["concept_score"] == pytest.approx(classifier.probabilities(texts).mean(), abs=1e-9)
         assert row["p_word"] == pytest.approx(concept_presence(texts, concept_words("football")).mean())
         base = [json.loads(line) for line in (out / "cells" / f"{frontier.cell_name('football', 'dev', 'base', {})}.jsonl").read_text().splitlines()]
-        assert row["ppl_ratio"] == pytest.approx(np.mean([c["ppl"] for c in cell]) / np.mean([c["ppl"] for c in base]))
+        assert row["ppl_ratio"] == pytest.approx(token_weighted_ppl(cell, smollm2) / token_weighted_ppl(base, smollm2))
         for name in ("concept_score", "ppl_ratio", "p_word"):
             assert row[f"{name}_low"] <= row[name] + 1e-12 and row[name] <= row[f"{name}_high"] + 1e-12
 
     # each method's test point is its best dev cell within the budget, and nothing else is reported
-    for method in GRID.keys() | {"prompt"}:
-        mine = [r for r in summary["dev"] if r["method"] == method and r["ppl_ratio"] <= 2.0]
-        tested = [r for r in summary["test"] if r["method"] == method]
-        if mine:
-            best = max(mine, key=lambda r: (r["concept_score"], -r["ppl_ratio"]))
-            assert [t["setting"] for t in tested] == [best["setting"]]
-        else:
-            assert not tested
-    assert sum(bool(r.get("best_variant")) for r in summary["test"]) <= 1
+    for budget in (1.5, 2.0):
+        for method in GRID.keys() | {"prompt"}:
+            mine = [r for r in summary["dev"] if r["method"] == method and r["ppl_ratio"] <= budget]
+            tested = [r for r in summary["test"] if r["method"] == method and r["budget"] == budget]
+            if mine:
+                best = max(mine, key=lambda r: (r["concept_score"], -r["ppl_ratio"]))
+                assert [t["setting"] for t in tested] == [best["setting"]]
+            else:
+                assert not tested
+        assert sum(bool(r.get("best_variant")) for r in summary["test"] if r["budget"] == budget) <= 1
     assert "| method |" in (out / "report.md").read_text() and is_png(out / "frontier_football.png")
 
     monkeypatch.setattr(SteeredModel, "complete", no_generation)
