@@ -155,11 +155,11 @@ def _baseline_card(config: dict, hub_base: str | None, repo_id: str | None) -> s
         f"- **Base model:** `{base['name']}`, fingerprint `{base['fingerprint']}` "
         "(loading onto any other model is refused)",
     ]
-    return "\n".join(lines + _loading_section(base, repo_id))
+    return "\n".join(lines + _loading_section(base, repo_id, with_pyvene=config["method"] != "prompt"))
 
 
-def _loading_section(base: dict, repo_id: str | None) -> list[str]:
-    return [
+def _loading_section(base: dict, repo_id: str | None, with_pyvene: bool = True) -> list[str]:
+    lines = [
         "",
         "## Load it",
         "",
@@ -171,6 +171,10 @@ def _loading_section(base: dict, repo_id: str | None) -> list[str]:
         "print(steered.complete(\"Once upon a time\", max_new_tokens=30, do_sample=True, seed=0))",
         "```",
         "",
+    ]
+    if not with_pyvene:
+        return lines + ["Files: `steering.json` + `steering.safetensors` (read by `steer_experts`, no pickle).", ""]
+    return lines + [
         "With pyvene alone (the intervention class still comes from `steer_experts`): "
         "`pyvene.IntervenableModel.load(folder + \"/pyvene\", hf_model)`.",
         "",

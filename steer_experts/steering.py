@@ -550,7 +550,8 @@ class SteeredModel:
 def checked_sites(model: LoadedModel, saved: Sequence[dict], actual: Sequence[UnitSite]) -> list[UnitSite]:
     """The saved sites (dicts), checked to be among ``actual`` (the model's own). Raises ValueError."""
     sites = [UnitSite(**s) for s in saved]
-    missing = [s for s in sites if s not in set(actual)]
+    actual = set(actual)
+    missing = [s for s in sites if s not in actual]
     if missing:
         raise ValueError(f"sites {missing[:3]} do not exist in {model.name!r}")
     return sites

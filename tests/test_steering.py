@@ -400,3 +400,18 @@ def test_prompting_continues_the_prompt_inside_the_chat_template(tiny_llama):
     assert len(steered.complete(["Once upon a time"], max_new_tokens=3)) == 1
     with pytest.raises(ValueError, match="non-empty"):
         steer_prompt(tiny_llama, " ")
+
+
+def test_baseline_model_cards_say_what_steers(tiny_llama, tmp_path):
+    from steer_experts.diffmean import residual_means, steer_diffmean
+    from steer_experts.prompting import steer_prompt
+
+    from .test_diffmean import CONCEPT
+
+    diffmean = steer_diffmean(tiny_llama, residual_means(tiny_llama, CONCEPT, progress=False), 1, 0.3)
+    card = (diffmean.save_pretrained(tmp_path / "d") / "README.md").read_text()
+    assert "layer 1" in card and "factor 0.3" in card and "pyvene/config.json" in card
+    folder = steer_prompt(tiny_llama, "football").save_pretrained(tmp_path / "p")
+    card = (folder / "README.md").read_text()
+    assert "Write a few sentences about football." in card and "pyvene" not in card
+    assert not (folder / "pyvene").exists()
