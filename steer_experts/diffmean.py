@@ -175,15 +175,19 @@ def aligned_scores(model: LoadedModel, experts: ExpertSet, means: ResidualMeans)
 
     The push of unit u at layer l is ``(on_p50 - off_mean) * <column_u, v_l> / norm_l``: how far
     moving the unit from its usual value on negatives to its value on the concept moves the
-    residual stream along ``v_l``, as a fraction of a typical token norm. Units that push the
-    other way score 0. Pass the result to ``steer(..., scores=...)`` to rank experts by it.
+    residual stream along ``v_l``, as a fraction of a typical token norm. Only units that rise
+    with the concept (on_p50 > off_mean) and write along ``v_l`` score above 0: a unit that
+    falls with the concept and writes against ``v_l`` also pushes along it, but such units
+    include the massive-activation neurons (SmolLM2's layer-11 units 1229 and 1487, max-pooled
+    responses near 1000-2800 on every sentence), and setting those at every position wrecks
+    the text. Pass the result to ``steer(..., scores=...)`` to rank experts by it.
     """
     c = experts.concept_index(means.concept)
     e = experts.expertise
     columns_norm = np.concatenate([_column_norms(model, site) for site in experts.sites])
-    push = ((e.on_p50[c] - e.off_mean[c]) * unit_alignment(model, experts, means) * columns_norm
-            / means.token_norm[experts.layer])
-    return e.ap[c] * np.maximum(push, 0.0)
+    rise = np.maximum(e.on_p50[c] - e.off_mean[c], 0.0)
+    along = np.maximum(unit_alignment(model, experts, means), 0.0)
+    return e.ap[c] * rise * along * columns_norm / means.token_norm[experts.layer]
 
 
 def _column_norms(model: LoadedModel, site: UnitSite) -> np.ndarray:

@@ -118,5 +118,6 @@ def test_alignment_is_the_cosine_of_down_proj_columns(tiny_model):
     assert np.isclose(alignment[experts.unit_index(1, 3)], want)
     scores = aligned_scores(tiny_model, experts, means)
     c = experts.concept_index("football")
-    push = (experts.expertise.on_p50[c] - experts.expertise.off_mean[c]) * alignment
-    assert np.all(scores >= 0) and np.all((scores > 0) == (push > 0))
+    rises = experts.expertise.on_p50[c] > experts.expertise.off_mean[c]
+    assert np.all(scores >= 0) and np.all((scores > 0) == (rises & (alignment > 0)))
+    assert 0 < (scores > 0).sum() < experts.n_units
