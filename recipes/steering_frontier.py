@@ -418,9 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
         plot_frontier(concept, [r for r in dev_rows if r["concept"] == concept],
                       [r for r in test_rows if r["concept"] == concept and r["budget"] == max(args.ppl_budgets)],
                       args.ppl_budgets, run.root / f"frontier_{RunFolder.cell_id(concept=concept)}.png")
-    write_csv(run.root / "frontier.csv", dev_rows + test_rows)
-    write_csv(run.root / "operating_points.csv", test_rows)
-    text = report(run.root, args, classifiers, dev_rows, test_rows)
+        # Written after every concept, so a long run's finished concepts can be read (and committed).
+        write_csv(run.root / "frontier.csv", dev_rows + test_rows)
+        write_csv(run.root / "operating_points.csv", test_rows)
+        text = report(run.root, args, {c: classifiers[c] for c in names[:names.index(concept) + 1]},
+                      dev_rows, test_rows)
     print(text)
     return {"dev": dev_rows, "test": test_rows,
             "classifier_accuracy": {c: clf.held_out_accuracy for c, clf in classifiers.items()}}
