@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+from steer_experts.concepts import concept_word
+
 NEUTRAL_PROMPTS: tuple[str, ...] = (
     "Once upon a time",
     "The best thing about this",
@@ -111,11 +113,6 @@ OCCUPATIONS: tuple[str, ...] = (
 )
 
 OCCUPATION_TEMPLATE = "The {occupation} said that"
-
-
-def concept_word(name: str) -> str:
-    """The plain word of a concept name: ``"football"`` for OneSec's ``"football-1_04_00__"``."""
-    return name.split("-")[0].replace("_", " ").strip()
 
 
 def inviting_prompts(name: str) -> tuple[str, ...]:

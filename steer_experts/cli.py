@@ -55,7 +55,7 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 4
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .concepts import ConceptSet
+    from .concepts import ConceptSet, concept_word
     from .experts import ExpertSet
     from .models import check_device, load_model
     from .steering import steer
@@ -78,7 +78,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.method == "prompt":
         from .prompting import steer_prompt
 
-        steered = steer_prompt(model, name.split("-")[0].replace("_", " "))
+        steered = steer_prompt(model, concept_word(name))
     elif args.method == "diffmean":
         from .diffmean import residual_means, steer_diffmean
 

@@ -42,6 +42,11 @@ class Concept:
     group: str | None = None
 
 
+def concept_word(name: str) -> str:
+    """The plain word of a concept name: ``"football"`` for OneSec's ``"football-1_04_00__"``."""
+    return name.split("-")[0].replace("_", " ").strip()
+
+
 def resolve_concept(query: str, names: Sequence[str]) -> str:
     """Return the concept name ``query`` refers to: an exact name, or the word of a
     sense-keyed name (``"football"`` for OneSec's ``"football-1_04_00__"``) when unique.

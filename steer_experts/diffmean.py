@@ -157,17 +157,10 @@ def unit_alignment(model: LoadedModel, experts: ExpertSet, means: ResidualMeans)
     experts.check_model(model)
     if means.model_fingerprint != model.fingerprint:
         raise ModelMismatchError(f"The residual means of {means.concept!r} come from another model.")
-    out = np.empty(experts.n_units)
-    offset = 0
-    for site in experts.sites:
-        module = model.model.get_submodule(site.module_path)
-        weight = module.weight.detach().double().cpu()
-        # (width, hidden): nn.Linear stores (out, in), gpt2's Conv1D (in, out).
-        columns = weight.T if isinstance(module, torch.nn.Linear) else weight
-        direction = torch.from_numpy(means.direction(site.layer))
-        out[offset:offset + site.width] = (torch.nn.functional.normalize(columns, dim=1) @ direction).numpy()
-        offset += site.width
-    return out
+    return np.concatenate([
+        (torch.nn.functional.normalize(_write_columns(model, site), dim=1)
+         @ torch.from_numpy(means.direction(site.layer))).numpy()
+        for site in experts.sites])
 
 
 def aligned_scores(model: LoadedModel, experts: ExpertSet, means: ResidualMeans) -> np.ndarray:
@@ -184,16 +177,17 @@ def aligned_scores(model: LoadedModel, experts: ExpertSet, means: ResidualMeans)
     """
     c = experts.concept_index(means.concept)
     e = experts.expertise
-    columns_norm = np.concatenate([_column_norms(model, site) for site in experts.sites])
+    columns_norm = np.concatenate([_write_columns(model, site).norm(dim=1).numpy() for site in experts.sites])
     rise = np.maximum(e.on_p50[c] - e.off_mean[c], 0.0)
     along = np.maximum(unit_alignment(model, experts, means), 0.0)
     return e.ap[c] * rise * along * columns_norm / means.token_norm[experts.layer]
 
 
-def _column_norms(model: LoadedModel, site: UnitSite) -> np.ndarray:
+def _write_columns(model: LoadedModel, site: UnitSite) -> torch.Tensor:
+    """What each unit of ``site`` writes to the residual stream, float64 (width, hidden)."""
     module = model.model.get_submodule(site.module_path)
     weight = module.weight.detach().double().cpu()
-    return (weight.norm(dim=0) if isinstance(module, torch.nn.Linear) else weight.norm(dim=1)).numpy()
+    return weight.T if isinstance(module, torch.nn.Linear) else weight  # gpt2's Conv1D stores (in, out)
 
 
 class DiffMeanSteeredModel(SteeredModel):
