@@ -194,14 +194,21 @@ def discover_contrast(model: LoadedModel, concepts: ConceptSet, cache_dir: str |
         new = [i for i, s in enumerate(part) if s not in seen]
         blocks.append(responses.to_numpy()[new])
         sentences += [part[i] for i in new]
-    contrasted = []
+    expertise = compute_expertise(np.concatenate(blocks), rows_of(contrasted(concepts).concepts, sentences),
+                                  progress=progress)
+    metadata = {"negatives": "own negatives + the other concepts' positives", "n_sentences": len(sentences)}
+    return ExpertSet(expertise, sites, model.name, model.fingerprint, "mlp", metadata)
+
+
+def contrasted(concepts: ConceptSet) -> ConceptSet:
+    """Each concept with the other concepts' positives added to its own negatives (sample
+    negatives first: ``ConceptSet.with_sampled_negatives``)."""
+    out = []
     for c in concepts.concepts:
         own = set(c.positives)
         others = [s for o in concepts.concepts if o.name != c.name for s in o.positives if s not in own]
-        contrasted.append(Concept(c.name, c.positives, tuple(dict.fromkeys(c.negatives + tuple(others))), c.group))
-    expertise = compute_expertise(np.concatenate(blocks), rows_of(contrasted, sentences), progress=progress)
-    metadata = {"negatives": "own negatives + the other concepts' positives", "n_sentences": len(sentences)}
-    return ExpertSet(expertise, sites, model.name, model.fingerprint, "mlp", metadata)
+        out.append(Concept(c.name, c.positives, tuple(dict.fromkeys(c.negatives + tuple(others))), c.group))
+    return ConceptSet(out)
 
 
 class LazyModel:

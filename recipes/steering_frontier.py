@@ -16,6 +16,9 @@ Methods (each one family of settings; ``--methods`` picks some):
 * ``experts_clamp`` -- clamp-up, z <- max(z, on_p50): experts are never lowered.
 * ``experts_aligned`` -- experts ranked by AP x their push along the concept's
   DiffMean direction (``diffmean.aligned_scores``) instead of AP alone.
+* ``experts_add`` -- the top-k experts by AP each shifted by alpha x the concept's
+  token-level difference of mean responses, positives minus negatives
+  (``diffmean.unit_shifts``), instead of set to a max-pooled value.
 * ``random`` -- k random units set to their on_p50 (the control).
 * ``diffmean`` -- the unit DiffMean direction added at one layer's residual stream,
   factor x the layer's median token norm; layer and factor swept (as many cells
@@ -34,6 +37,10 @@ Outputs (``--out``; see recipe_io for the folder layout): cells/*.jsonl (texts
 and perplexities, one file per cell; a killed run resumes), means/*.safetensors
 (DiffMean statistics), frontier.csv (every cell), operating_points.csv (the test
 half), report.md, frontier_<concept>.png.
+
+With ``--contrast``, every concept's negatives also hold the other concepts' positives,
+for the experts, DiffMean, the unit shifts and the classifier alike (man and woman:
+40% of OneSec's "man" positives mention women).
 
     python recipes/steering_frontier.py --out out/frontier --concept football --concept man --concept woman
 """
@@ -56,10 +63,16 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from prompts import FRONTIER_PROMPTS, concept_word  # noqa: E402
 from recipe_io import (  # noqa: E402
-    ONESEC, LazyModel, RunFolder, concept_names, cross_scorer, experts_for, set_threads, write_csv, write_text,
+    ONESEC, LazyModel, RunFolder, concept_names, contrasted, cross_scorer, experts_for, set_threads, write_csv,
+    write_text,
 )
 from steer_experts.concepts import ConceptSet  # noqa: E402
-from steer_experts.diffmean import ResidualMeans, aligned_scores, residual_means, steer_diffmean  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.diffmean import (  # noqa: E402
+    ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_shifts,
+)
 from steer_experts.evaluation import concept_presence, concept_words, distinct_n, perplexity, self_bleu  # noqa: E402
 from steer_experts.evaluation.concept_score import ConceptClassifier  # noqa: E402
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
@@ -67,12 +80,15 @@ from steer_experts.prompting import steer_prompt  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 
 SAMPLING = {"paper": dict(temperature=1.0, top_k=10), "nucleus": dict(temperature=0.7, top_p=0.9)}
-EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned")
+EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned", "experts_add")
 METHODS = (*EXPERT_VARIANTS, "random", "diffmean", "prompt")
 
 
 def default_grid(n_layers: int) -> dict[str, list[dict]]:
-    """Each method's settings, weakest first. DiffMean gets 20 cells, the expert variants 17."""
+    """Each method's settings, weakest first. DiffMean gets 24 cells, the expert variants 26.
+
+    DiffMean's deepest two layers, where its best settings were on every concept measured,
+    also get factors 0.3 and 0.6, as the experts get two alphas."""
     ks = (10, 30, 100, 300)
     layers = sorted({round(n_layers * f) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6)})
     return {
@@ -80,8 +96,10 @@ def default_grid(n_layers: int) -> dict[str, list[dict]]:
         "experts_late": [dict(k=k) for k in ks],
         "experts_clamp": [dict(k=k) for k in ks[1:]],
         "experts_aligned": [dict(k=k) for k in ks],
+        "experts_add": [dict(k=k, alpha=a) for k in (100, 300, 1000) for a in (2.0, 4.0, 8.0)],
         "random": [dict(k=k) for k in (30, 100)],
-        "diffmean": [dict(layer=layer, factor=f) for layer in layers for f in (0.1, 0.2, 0.4, 0.8)],
+        "diffmean": [dict(layer=layer, factor=f) for layer in layers
+                     for f in ((0.1, 0.2, 0.3, 0.4, 0.6, 0.8) if layer in layers[-2:] else (0.1, 0.2, 0.4, 0.8))],
         "prompt": [{}],
     }
 
@@ -93,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
     p.add_argument("--concepts", default=str(ONESEC), help="concept data (ConceptSet.load)")
     p.add_argument("--concept", action="append", help="concept to steer (repeatable); default: all")
+    p.add_argument("--contrast", action="store_true",
+                   help="add the other concepts' positives to each concept's negatives (experts, DiffMean, classifier)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--grid", help="JSON {method: [settings...]} replacing the default grid of those methods")
     p.add_argument("--n-prompts", type=int, default=len(FRONTIER_PROMPTS),
@@ -151,12 +171,13 @@ def cell_name(concept: str, half: str, method: str, setting: dict) -> str:
 
 class Steering:
     """Everything one concept's cells need, loaded or computed once: the model, experts,
-    DiffMean statistics (cached under ``out/means``) and alignment scores."""
+    DiffMean statistics and unit shifts (cached under ``out/means``) and alignment scores."""
 
     def __init__(self, model: LazyModel, expert_set, concepts: ConceptSet, out: Path):
         self.model, self.expert_set, self.concepts, self.out = model, expert_set, concepts, out
         self._means: dict[str, ResidualMeans] = {}
         self._aligned: dict[str, np.ndarray] = {}
+        self._shifts: dict[str, np.ndarray] = {}
 
     def means(self, concept: str) -> ResidualMeans:
         if concept not in self._means:
@@ -168,6 +189,16 @@ class Steering:
                 self._means[concept] = residual_means(self.model.get(self.expert_set), self.concepts[concept])
                 self._means[concept].save(path)
         return self._means[concept]
+
+    def shifts(self, concept: str) -> np.ndarray:
+        if concept not in self._shifts:
+            path = self.out / "means" / f"{RunFolder.cell_id(concept=concept)}.unit_shifts.safetensors"
+            if not path.exists():
+                shifts = unit_shifts(self.model.get(self.expert_set), self.expert_set, self.concepts[concept])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda p: save_file({"shifts": shifts}, str(p)))
+            self._shifts[concept] = load_file(str(path))["shifts"]
+        return self._shifts[concept]
 
     def build(self, concept: str, method: str, setting: dict):
         """The steered model of one cell (``method`` ``"base"`` is the unsteered model)."""
@@ -190,6 +221,8 @@ class Steering:
             if concept not in self._aligned:
                 self._aligned[concept] = aligned_scores(model, self.expert_set, self.means(concept))
             return steer(model, self.expert_set, concept, k=k, alpha=alpha, scores=self._aligned[concept])
+        if method == "experts_add":
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha, mode="add", shifts=self.shifts(concept))
         if method == "random":
             return steer(model, self.expert_set, concept, k=k, alpha=alpha, control="random")
         raise ValueError(method)
@@ -365,11 +398,16 @@ def main(argv: list[str] | None = None) -> dict:
     halves = split_prompts(args)
     settings = {k: getattr(args, k) for k in ("model", "concepts", "n_prompts", "samples_per_prompt",
                                               "max_new_tokens", "sampling", "seed", "scorer")}
+    if args.contrast:  # only when set, so folders written before the option still resume
+        settings["contrast"] = True
     run = RunFolder(args.out, settings)
     model = LazyModel(args.model)
-    expert_set = experts_for(model, run.root, args.experts, args.concepts, args.concept, args.cache_dir)
+    expert_set = experts_for(model, run.root, args.experts, args.concepts, args.concept, args.cache_dir,
+                             contrast=args.contrast)
     names = concept_names(expert_set, args.concept)
     concepts = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
+    if args.contrast:
+        concepts = contrasted(concepts.subset(names))
     grid = {m: args.grid.get(m, g) for m, g in default_grid(len(expert_set.sites)).items() if m in args.methods}
     steering = Steering(model, expert_set, concepts, run.root)
     scorer = cross_scorer(args.model, args.scorer)

@@ -62,6 +62,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.method != "experts" and args.auto:
         raise InvalidArgumentError("--auto calibrates expert steering; use it with --method experts.")
+    if args.auto and args.mode == "add":
+        raise InvalidArgumentError("--auto calibrates k and alpha for --mode set; give --k and --alpha with --mode add.")
     check_device(args.device)
     # A broken expert set or an unknown concept fails before the model loads, not after.
     experts = ExpertSet.from_pretrained(args.experts)
@@ -71,8 +73,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     def concept_data():
         if args.concepts is None:
-            raise InvalidArgumentError(f"--method {args.method}{' --auto' if args.auto else ''} needs the concept's "
-                             "sentences: pass --concepts FILE.")
+            asked = "--mode add" if args.mode == "add" else f"--method {args.method}{' --auto' if args.auto else ''}"
+            raise InvalidArgumentError(f"{asked} needs the concept's sentences: pass --concepts FILE.")
         return ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)[name]
 
     if args.method == "prompt":
@@ -102,6 +104,10 @@ def _generate(args: argparse.Namespace) -> None:
             selection = {"k": args.k} if args.tau is None else {"tau": args.tau}
             selection["alpha"] = args.alpha
         layers = None if args.from_layer is None else range(args.from_layer, len(experts.sites))
+        if args.mode == "add":
+            from .diffmean import unit_shifts
+
+            selection["shifts"] = unit_shifts(model, experts, concept_data())
         steered = steer(model, experts, name, mode=args.mode, positions=args.positions, layers=layers, **selection)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                     top_k=args.top_k, seed=args.seed)
@@ -262,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=_non_negative_int, default=50, help="number of experts (top k by AP)")
     g.add_argument("--tau", type=_tau, help="use every expert with AP > tau instead of --k")
     g.add_argument("--alpha", type=_non_negative, default=1.0, help="strength: 1 sets experts to their value")
-    g.add_argument("--mode", choices=MODES, default="set", help="clamp: z <- max(z, value), never lowers a unit")
+    g.add_argument("--mode", choices=MODES, default="set", help="clamp: z <- max(z, value), never lowers a unit; add: z <- z + alpha x the "
+                   "concept's token-level difference of mean responses (needs --concepts)")
     g.add_argument("--positions", choices=POSITIONS, default="all", help="which positions are steered")
     g.add_argument("--from-layer", type=_non_negative_int, help="only experts of this layer and later ones (e.g. 2)")
     g.add_argument("--auto", action="store_true",
@@ -271,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-perplexity-ratio", type=_positive, default=2.0, help="budget of --auto (> 1)")
     g.add_argument("--method", choices=("experts", "diffmean", "prompt"), default="experts",
                    help="diffmean: add the residual direction (needs --concepts); prompt: ask for the concept")
-    g.add_argument("--concepts", help="the concept data (for --auto and --method diffmean)")
+    g.add_argument("--concepts", help="the concept data (for --auto, --mode add and --method diffmean)")
     g.add_argument("--layer", type=_non_negative_int, default=25, help="DiffMean's residual layer")
     g.add_argument("--factor", type=float, default=0.4, help="DiffMean's strength, x the layer's median token norm")
     g.add_argument("--max-new-tokens", type=_positive_int, default=40)

@@ -19,7 +19,8 @@ steering is always compared with it on the same footing:
 DiffMean direction of its own layer: the cosine between its ``down_proj``
 column and ``v_l``. :func:`aligned_scores` combines it with AP, so that expert
 steering can prefer experts that push the residual stream the way the concept
-does (``steer(..., scores=aligned_scores(...))``).
+does (``steer(..., scores=aligned_scores(...))``). :func:`unit_shifts` is the same
+difference of means taken in the neuron basis, for ``steer(..., mode="add")``.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ class ResidualMeans:
         return cls(**load_file(str(path)), **meta)
 
 
-@torch.no_grad()
 def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 128, batch_size: int = 32,
                    progress: bool = True) -> ResidualMeans:
     """Mean block-output activations of ``concept``'s positives and negatives, at every layer.
@@ -105,12 +105,38 @@ def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 12
     Sentences are cut at ``max_length`` tokens and batched by length. Raises ValueError
     without negatives.
     """
+    sites = locate_residual_stream(model.model)
+    sums, counts, norms = _token_sums(model, concept, sites, max_length, batch_size, progress, "residual means")
+    token_norm = np.array([float(torch.cat(n).median()) for n in norms])
+    return ResidualMeans(concept.name, np.stack([s[0] for s in sums]) / counts[0],
+                         np.stack([s[1] for s in sums]) / counts[1], token_norm,
+                         counts[0], counts[1], model.name, model.fingerprint)
+
+
+def unit_shifts(model: LoadedModel, experts: ExpertSet, concept: Concept, *, max_length: int = 128,
+                batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Per unit of ``experts`` (float64, activation units): its mean response over the tokens of
+    ``concept``'s positives minus that over its negatives -- DiffMean in the neuron basis.
+
+    Tokens are counted as in :func:`residual_means`. Pass the result to
+    ``steer(..., mode="add", shifts=...)``: each expert then moves by what the concept adds
+    to it on an average token.
+    """
+    experts.check_model(model)
+    sums, counts, _ = _token_sums(model, concept, experts.sites, max_length, batch_size, progress, "unit means")
+    return np.concatenate([s[0] / counts[0] - s[1] / counts[1] for s in sums])
+
+
+@torch.no_grad()
+def _token_sums(model: LoadedModel, concept: Concept, sites, max_length: int, batch_size: int, progress: bool,
+                what: str) -> tuple[list[np.ndarray], list[int], list[list[torch.Tensor]]]:
+    """One pass over ``concept``'s sentences. Per site: the sum of its activations (input or
+    output, by ``site.port``) over non-special tokens, float64 (2, width), positives then
+    negatives; the two token counts; and per site every token's L2 norm."""
     if not concept.negatives:
         raise InvalidArgumentError(f"Concept {concept.name!r} has no negatives; DiffMean needs both sides. "
                          "Sample them first (ConceptSet.with_sampled_negatives).")
-    sites = locate_residual_stream(model.model)
-    hidden = sites[0].width
-    sums = np.zeros((2, len(sites), hidden))
+    sums = [np.zeros((2, s.width)) for s in sites]
     norms: list[list[torch.Tensor]] = [[] for _ in sites]
     counts = [0, 0]
     tokenizer = model.tokenizer
@@ -118,18 +144,25 @@ def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 12
     stack = decoder_stack(model.model)
     captured: dict[int, torch.Tensor] = {}
 
-    def keep(layer):
+    def keep_output(i):
         def hook(_module, _args, output):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
+            captured[i] = output[0] if isinstance(output, tuple) else output
         return hook
 
-    handles = [model.model.get_submodule(s.module_path).register_forward_hook(keep(s.layer)) for s in sites]
+    def keep_input(i):
+        def hook(_module, args):
+            captured[i] = args[0]
+        return hook
+
+    handles = [model.model.get_submodule(s.module_path).register_forward_hook(keep_output(i)) if s.port == "output"
+               else model.model.get_submodule(s.module_path).register_forward_pre_hook(keep_input(i))
+               for i, s in enumerate(sites)]
     try:
         for side, sentences in enumerate((concept.positives, concept.negatives)):
             lengths = [len(ids) for ids in tokenizer(list(sentences), truncation=True, max_length=max_length)["input_ids"]]
             sentences = [sentences[i] for i in np.argsort(lengths, kind="stable")]  # less padding
             starts = range(0, len(sentences), batch_size)
-            for start in tqdm(starts, desc=f"residual means ({'positives' if side == 0 else 'negatives'})",
+            for start in tqdm(starts, desc=f"{what} ({'positives' if side == 0 else 'negatives'})",
                               unit="batch", disable=not progress):
                 enc = tokenizer(list(sentences[start:start + batch_size]), return_tensors="pt", padding=True,
                                 truncation=True, max_length=max_length)
@@ -137,18 +170,16 @@ def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 12
                 stack(**enc)
                 mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special.to(model.device))
                 counts[side] += int(mask.sum())
-                for layer in range(len(sites)):
-                    tokens = captured[layer][mask].double()
-                    sums[side, layer] += tokens.sum(dim=0).cpu().numpy()
-                    norms[layer].append(tokens.norm(dim=1).float().cpu())
+                for i in range(len(sites)):
+                    tokens = captured[i][mask].double()
+                    sums[i][side] += tokens.sum(dim=0).cpu().numpy()
+                    norms[i].append(tokens.norm(dim=1).float().cpu())
     finally:
         for handle in handles:
             handle.remove()
     if min(counts) == 0:
         raise InvalidArgumentError(f"Concept {concept.name!r} has a side with no ordinary token to average.")
-    token_norm = np.array([float(torch.cat(n).median()) for n in norms])
-    return ResidualMeans(concept.name, sums[0] / counts[0], sums[1] / counts[1], token_norm,
-                         counts[0], counts[1], model.name, model.fingerprint)
+    return sums, counts, norms
 
 
 def unit_alignment(model: LoadedModel, experts: ExpertSet, means: ResidualMeans) -> np.ndarray:

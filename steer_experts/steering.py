@@ -26,6 +26,10 @@ Every mode moves unit z toward a target v with a per-unit weight w,
   already above its concept value is left alone, so the experts are never lowered.
   As a suppression mode it clamps down, z <- min(z, off_mean): each token's
   response is capped at the unit's typical (max-pooled) response on negatives.
+* ``"add"``: z <- z + alpha v, v given per unit as ``shifts`` -- typically the concept's
+  token-level difference of mean responses, positives minus negatives
+  (:func:`steer_experts.diffmean.unit_shifts`): each expert moves by what the concept
+  adds to it on an average token, rather than to a value pooled over a sentence.
 
 Several concepts: pass ``{"football": +1, "woman": -1}``. A positive strength s
 steers toward the concept with ``mode`` and weight scale alpha * s; a negative
@@ -67,7 +71,7 @@ from .experts import VALUE_STATS, ExpertSet, ModelMismatchError
 from .interventions import ExpertIntervention, build_intervenable, pyvene_call
 from .models import LoadedModel, UnitSite, locate_units
 
-MODES = ("set", "dampen", "ablate", "clamp")
+MODES = ("set", "dampen", "ablate", "clamp", "add")
 SUPPRESS_MODES = ("dampen", "ablate", "clamp")
 POSITIONS = ("all", "prompt", "generated")
 ABLATE_VALUES = ("zero", "off_mean")
@@ -110,7 +114,7 @@ class SteeringPlan:
     """The units to steer, one row each, sorted by (layer, neuron).
 
     ``concept`` indexes ``concepts``; ``weight`` (dimensionless), ``target``
-    (activation units) and ``bound`` (0 set, +1 clamp up, -1 clamp down) define
+    (activation units) and ``bound`` (0 set, +1 clamp up, -1 clamp down, +2 shift) define
     the unit's move (see :mod:`steer_experts.interventions`); ``ap``/``auroc``
     are the unit's scores for its concept. ``contested`` counts units that more
     than one concept selected (resolved by higher AP).
@@ -162,10 +166,12 @@ class SteeringPlan:
 # ---------------------------------------------------------------------------- planning
 
 
-def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bool
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bool,
+               shifts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(weight, target, bound) per selected unit for one concept under ``mode``."""
     n = len(selection)
+    if mode == "add":
+        return np.full(n, scale, np.float32), shifts[selection.units].astype(np.float32), np.full(n, 2.0, np.float32)
     if mode == "dampen":
         gini = 2.0 * (selection.auroc.astype(np.float64) - 0.5)
         weight = np.where(selection.auroc > 0.5, scale * gini, 0.0)
@@ -194,10 +200,10 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
     if not _is_number(spec.alpha) or spec.alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0; got {spec.alpha!r}. "
                          "To push a concept away, give it a negative strength instead.")
-    allowed = {"set": VALUE_STATS, "clamp": VALUE_STATS, "ablate": ABLATE_VALUES, "dampen": ()}[spec.mode]
+    allowed = {"set": VALUE_STATS, "clamp": VALUE_STATS, "ablate": ABLATE_VALUES, "dampen": (), "add": ()}[spec.mode]
     if spec.value is not None and spec.value not in allowed:
         raise ValueError(f"value={spec.value!r} does not fit mode {spec.mode!r}; allowed: "
-                         f"{allowed or 'none (dampen derives each factor from the AUROC)'}.")
+                         f"{allowed or 'none (dampen derives each factor from the AUROC; add takes shifts)'}.")
     if not spec.concepts:
         raise ValueError("No concepts given: pass a concept name or a {concept: strength} mapping.")
     for name, strength in spec.concepts.items():
@@ -215,10 +221,12 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
                    tau=float(spec.tau) if _is_number(spec.tau) else spec.tau)
 
 
-def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | None = None) -> SteeringPlan:
+def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | None = None,
+                  shifts: np.ndarray | None = None) -> SteeringPlan:
     """Select each concept's experts and turn them into per-unit (weight, target, bound) rows.
 
-    ``scores`` (one per unit, one concept only) ranks the experts instead of AP.
+    ``scores`` (one per unit, one concept only) ranks the experts instead of AP;
+    ``shifts`` (one per unit, activation units) are what ``mode="add"`` adds.
 
     Raises KeyError for an unknown concept and ValueError for any other bad
     argument (k larger than the units available, alpha NaN, unknown mode...).
@@ -228,6 +236,13 @@ def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | N
         raise ValueError("Pass scores exactly when spec.rank == 'scores'.")
     if scores is not None and len(spec.concepts) != 1:
         raise ValueError("scores rank the units of one concept; steer one concept at a time with them.")
+    if (shifts is not None) != (spec.mode == "add"):
+        raise ValueError("mode='add' takes shifts (one per unit, e.g. diffmean.unit_shifts), and only it does.")
+    if shifts is not None:
+        shifts = np.asarray(shifts, dtype=np.float64)
+        if len(spec.concepts) != 1 or shifts.shape != (experts.n_units,) or not np.isfinite(shifts).all():
+            raise ValueError(f"shifts must be {experts.n_units} finite numbers, one per unit, for one concept; "
+                             f"got shape {shifts.shape} for {len(spec.concepts)} concept(s).")
     parts = []
     for c, (name, strength) in enumerate(spec.concepts.items()):
         selection = experts.select(name, k=spec.k, tau=spec.tau, per_layer=spec.per_layer,
@@ -236,7 +251,7 @@ def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | N
         mode = spec.mode if toward else spec.suppress
         default_value = {"set": "on_p50", "ablate": "zero", "clamp": "on_p50" if toward else "off_mean"}
         value = (spec.value if toward else None) or default_value.get(mode)
-        weight, target, bound = _unit_rule(selection, mode, value, spec.alpha * abs(strength), toward)
+        weight, target, bound = _unit_rule(selection, mode, value, spec.alpha * abs(strength), toward, shifts)
         parts.append(dict(units=selection.units, layer=selection.layer, neuron=selection.neuron,
                           concept=np.full(len(selection), c, np.int64), weight=weight, target=target, bound=bound,
                           ap=selection.ap.astype(np.float64), auroc=selection.auroc.astype(np.float64)))
@@ -280,6 +295,7 @@ def steer(
     positions: str = "all",
     layers: Sequence[int] | None = None,
     scores: np.ndarray | None = None,
+    shifts: np.ndarray | None = None,
     control: str | None = None,
     seed: int = 0,
 ) -> "ExpertSteeredModel":
@@ -296,7 +312,7 @@ def steer(
             :func:`steer_experts.calibration.calibrate` stored for the concept and
             ``max_perplexity_ratio`` (one concept only).
         alpha: intervention strength >= 0 (1 = set exactly / AurA's factor).
-        mode: ``"set"``, ``"dampen"``, ``"ablate"`` or ``"clamp"`` (module docstring).
+        mode: ``"set"``, ``"dampen"``, ``"ablate"``, ``"clamp"`` or ``"add"`` (module docstring).
         value: target statistic: for ``"set"``/``"clamp"`` one of ``VALUE_STATS`` (default
             ``"on_p50"``); for ``"ablate"`` ``"zero"`` (default) or ``"off_mean"``.
         suppress: mode for negative strengths: ``"dampen"``, ``"ablate"`` (to zero) or
@@ -305,6 +321,8 @@ def steer(
         layers: only units of these layers are candidates (None: all layers).
         scores: one number per unit that ranks the experts instead of AP, for one concept
             (e.g. :func:`steer_experts.diffmean.aligned_scores`).
+        shifts: for ``mode="add"``, one number per unit (activation units) added with weight
+            alpha, for one concept (e.g. :func:`steer_experts.diffmean.unit_shifts`).
         control, seed: ``"random"``/``"lowest"`` units instead of experts (with ``k``).
 
     Returns:
@@ -327,7 +345,7 @@ def steer(
                                      suppress=suppress, positions=positions,
                                      layers=None if layers is None else list(layers),
                                      rank="ap" if scores is None else "scores"))
-    plan = plan_steering(experts, spec, scores)
+    plan = plan_steering(experts, spec, scores, shifts)
     return ExpertSteeredModel(model, plan, spec, experts.sites, experts.unit_kind)
 
 

@@ -98,6 +98,11 @@ def test_generate_with_variants_baselines_and_a_stored_operating_point(example_d
     assert main(["generate", *common, "--method", "diffmean", "--concepts", "examples/concepts.jsonl",
                  "--layer", "20", "--factor", "0.3", "Hello"]) == 0
     assert "DiffMean football at layer 20" in capsys.readouterr().out
+    assert main(["generate", *common, "--mode", "add", "Hello"]) == 2
+    assert "--mode add needs the concept's sentences" in capsys.readouterr().err
+    assert main(["generate", *common, "--mode", "add", "--k", "30", "--alpha", "4", "--concepts",
+                 "examples/concepts.jsonl", "Hello"]) == 0
+    assert "mode=add" in capsys.readouterr().out
 
     # --auto uses the point kept with the expert set, and needs no concept data then
     folder = shutil.copytree(example_dir, tmp_path / "experts")

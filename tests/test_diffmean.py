@@ -1,4 +1,5 @@
-"""DiffMean: residual means against hidden states, the addition against a plain hook, save/load."""
+"""DiffMean: residual means against hidden states, the addition against a plain hook, save/load;
+its neuron-basis form (unit shifts, ``mode="add"``) against plain hooks too."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import torch
 
 from steer_experts.concepts import Concept
 from steer_experts.diffmean import (
-    ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_alignment,
+    ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_alignment, unit_shifts,
 )
 from steer_experts.experts import ModelMismatchError
 from steer_experts.models import LoadedModel, locate_residual_stream
-from steer_experts.steering import SteeredModel
+from steer_experts.steering import SteeredModel, steer
 
 from .test_interventions import prompt_ids, synthetic_experts, tiny_llama  # noqa: F401 (a fixture)
 
@@ -121,3 +122,70 @@ def test_alignment_is_the_cosine_of_down_proj_columns(tiny_model):
     rises = experts.expertise.on_p50[c] > experts.expertise.off_mean[c]
     assert np.all(scores >= 0) and np.all((scores > 0) == (rises & (alignment > 0)))
     assert 0 < (scores > 0).sum() < experts.n_units
+
+
+def _neuron_token_means(loaded, sites, sentences):
+    """Mean down-projection input over every non-special token, one unpadded sentence at a time."""
+    sums, count = [0.0] * len(sites), 0
+    special = set(loaded.tokenizer.all_special_ids)
+    for sentence in sentences:
+        ids = loaded.tokenizer(sentence, return_tensors="pt")["input_ids"]
+        keep = torch.tensor([i not in special for i in ids[0].tolist()])
+        seen = {}
+        handles = [loaded.model.get_submodule(s.module_path).register_forward_pre_hook(
+            lambda _m, args, i=i: seen.__setitem__(i, args[0][0])) for i, s in enumerate(sites)]
+        try:
+            with torch.no_grad():
+                loaded.model(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        sums = [acc + seen[i][keep].double().sum(0) for i, acc in enumerate(sums)]
+        count += int(keep.sum())
+    return torch.cat([x / count for x in sums]).numpy()
+
+
+def test_unit_shifts_equal_per_sentence_neuron_means(tiny_model):
+    experts = synthetic_experts(tiny_model)
+    want = (_neuron_token_means(tiny_model, experts.sites, CONCEPT.positives)
+            - _neuron_token_means(tiny_model, experts.sites, CONCEPT.negatives))
+    got = unit_shifts(tiny_model, experts, CONCEPT, batch_size=2, progress=False)
+    assert got.shape == (experts.n_units,) and np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_add_mode_equals_plain_hook(tiny_model):
+    experts = synthetic_experts(tiny_model)
+    shifts = unit_shifts(tiny_model, experts, CONCEPT, progress=False)
+    steered = steer(tiny_model, experts, "football", k=25, alpha=40.0, mode="add", shifts=shifts)
+    selection = experts.select("football", k=25)
+    handles = []
+    for site in experts.sites:
+        rows = selection.layer == site.layer
+        delta = torch.zeros(site.width)
+        delta[torch.as_tensor(selection.neuron[rows])] = torch.as_tensor(
+            40.0 * shifts[selection.units[rows]], dtype=torch.float32)
+        handles.append((site.module_path, lambda _m, args, d=delta: (args[0] + d,) + tuple(args[1:])))
+    ids = prompt_ids(tiny_model, batch=2, length=4)
+    for seed, sampling in ((0, {"do_sample": False}), (3, {"do_sample": True, "top_k": 10})):
+        live = [tiny_model.model.get_submodule(path).register_forward_pre_hook(hook) for path, hook in handles]
+        try:
+            torch.manual_seed(seed)
+            want = tiny_model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                             pad_token_id=tiny_model.tokenizer.pad_token_id, **sampling)
+        finally:
+            for h in live:
+                h.remove()
+        assert torch.equal(steered.generate(ids, seed=seed, max_new_tokens=6, **sampling), want)
+    with torch.no_grad():  # the shift must act, or the equality proves nothing
+        assert not torch.allclose(steered(input_ids=ids).logits, tiny_model.model(ids).logits)
+
+
+def test_add_mode_needs_one_shift_per_unit(tiny_llama):
+    experts = synthetic_experts(tiny_llama)
+    with pytest.raises(ValueError, match="mode='add' takes shifts"):
+        steer(tiny_llama, experts, "football", k=3, mode="add")
+    with pytest.raises(ValueError, match="one per unit"):
+        steer(tiny_llama, experts, "football", k=3, mode="add", shifts=np.ones(5))
+    with pytest.raises(ValueError, match="mode='add' takes shifts"):
+        steer(tiny_llama, experts, "football", k=3, shifts=np.ones(experts.n_units))

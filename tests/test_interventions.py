@@ -394,3 +394,20 @@ def test_layers_and_scores_choose_the_candidates(tiny_llama):
     assert steered.spec.rank == "scores"
     assert set(zip(steered.plan.layer.tolist(), steered.plan.neuron.tolist())) == \
         set(zip(by_score.layer.tolist(), by_score.neuron.tolist()))
+
+
+def test_every_bound_matches_its_formula_alone_and_mixed():
+    """Each bound alone (one elementwise op) and all mixed in one layer (the where chain) give
+    z + w (t - z) with t = v, max(z, v), min(z, v), z + v; units of weight 0 stay exactly."""
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.normal(size=(2, 3, 12)).astype(np.float32))
+    formula = {0: lambda z, v: v, 1: np.maximum, -1: np.minimum, 2: lambda z, v: z + v}
+    neurons, weights, targets = np.arange(1, 12), rng.random(11) + 0.1, rng.normal(size=11)
+    for bounds in ([0] * 11, [1] * 11, [-1] * 11, [2] * 11, list(rng.integers(-1, 3, 11))):
+        got = ExpertIntervention.from_units(12, neurons, weights, targets, bounds)(base).numpy()
+        z = base.numpy()
+        want = z.copy()
+        for n, w, v, b in zip(neurons, weights, targets, bounds):
+            want[..., n] = z[..., n] + w * (formula[int(b)](z[..., n], v) - z[..., n])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(got[..., 0], z[..., 0])

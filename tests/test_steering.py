@@ -366,13 +366,15 @@ def test_steered_forward_with_no_experts_is_the_plain_forward(tiny_llama):
 
 
 def test_every_method_saves_and_loads_to_identical_generations(tiny_llama, tmp_path):
-    from steer_experts.diffmean import residual_means, steer_diffmean
+    from steer_experts.diffmean import residual_means, steer_diffmean, unit_shifts
     from steer_experts.prompting import steer_prompt
 
     from .test_diffmean import CONCEPT
 
     experts = synthetic_experts(tiny_llama)
     methods = {
+        "add": steer(tiny_llama, experts, "football", k=20, alpha=50.0, mode="add",
+                     shifts=unit_shifts(tiny_llama, experts, CONCEPT, progress=False)),
         "set": steer(tiny_llama, experts, "football", k=20),
         "clamp": steer(tiny_llama, experts, {"football": 1, "woman": -1}, k=20, mode="clamp", suppress="clamp"),
         "late": steer(tiny_llama, experts, "football", k=5, layers=[1], positions="generated"),
