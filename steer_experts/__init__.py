@@ -1,17 +1,21 @@
 """steer_experts: find the expert neurons of a language model for a concept, and steer generation with them.
 
-The modules follow the pipeline, in the order a newcomer should read them:
-concepts -> models -> responses -> expertise -> experts -> interventions -> steering -> hub.
-Other steering methods sit beside expert steering (diffmean, prompting), and
-calibration chooses an expert operating point; evaluation/ measures generations.
+The core modules follow the pipeline, in the order a newcomer should read them; none imports a later one:
+errors -> words -> concepts -> models, units -> responses -> expertise -> experts -> discovery ->
+interventions -> steering (and the other steering methods: diffmean, prompting; calibration chooses an
+expert operating point) -> model_card. ``hub`` is transport only and serves every stage.
+``evaluation/`` measures generations; ``lens/`` holds the ExpertLens analyses (similarity, ratings,
+baselines, queries, writing concept data).
 """
 
 from .errors import CorruptFileError, InvalidArgumentError, OutputFolderError, SteerExpertsError
 from .concepts import Concept, ConceptDataError, ConceptSet
-from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, ModelNotFoundError, load_model, locate_units, register_unit_kind
+from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, ModelNotFoundError, load_model
+from .units import UnitSite, locate_units, register_unit_kind
 from .responses import Responses, collect_responses
 from .expertise import Expertise, compute_expertise
-from .experts import ExpertSelection, ExpertSet, ModelMismatchError, discover
+from .experts import ExpertSelection, ExpertSet, ModelMismatchError
+from .discovery import discover
 from .interventions import ExpertIntervention
 from .steering import ExpertSteeredModel, SteeredModel, steer
 from .diffmean import ResidualMeans, residual_means, steer_diffmean
@@ -22,7 +26,8 @@ from .hub import HubUnavailableError
 __all__ = [
     "SteerExpertsError", "CorruptFileError", "InvalidArgumentError", "OutputFolderError",
     "Concept", "ConceptDataError", "ConceptSet",
-    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "ModelNotFoundError", "load_model", "locate_units", "register_unit_kind",
+    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "ModelNotFoundError", "load_model",
+    "UnitSite", "locate_units", "register_unit_kind",
     "Responses", "collect_responses",
     "Expertise", "compute_expertise",
     "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",

@@ -32,6 +32,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def file_safe(name: str, keep: str = "-_", last: int | None = None) -> str:
+    """``name`` as a file name: every character but letters, digits and ``keep`` becomes ``_``; with
+    ``last``, only its last ``last`` characters. Callers fix ``keep`` and ``last`` once, because the
+    names they give must stay stable for resuming (a response cache, a concept's written sentences)."""
+    safe = "".join(ch if ch.isalnum() or ch in keep else "_" for ch in name)
+    return safe[-last:] if last else safe
+
+
 def _foreign_entries(folder: Path, ours: Iterable[str]) -> list[str]:
     # Temporary names are what a killed save of ours leaves behind.
     patterns = list(ours) + [".*.tmp", ".*.partial"]

@@ -22,7 +22,8 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")  # models.DTYPES, without
 def _discover(args: argparse.Namespace) -> None:
     from .atomic import check_output_folder
     from .concepts import ConceptSet
-    from .experts import SAVED_NAMES, discover
+    from .discovery import discover
+    from .experts import SAVED_NAMES
     from .figures import plot_ap_by_layer
     from .models import check_device, load_model
 
@@ -55,10 +56,11 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 4
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .concepts import ConceptSet, concept_word
+    from .concepts import ConceptSet
     from .experts import ExpertSet
     from .models import check_device, load_model
     from .steering import steer
+    from .words import concept_word
 
     if args.method != "experts" and args.auto:
         raise InvalidArgumentError("--auto calibrates expert steering; use it with --method experts.")
@@ -135,7 +137,7 @@ def _load_experts(args: argparse.Namespace):
 
 
 def _label(args: argparse.Namespace) -> None:
-    from .lens import label_neurons
+    from .lens.queries import label_neurons
 
     if (args.layer is None) != (args.neuron is None):
         raise _UsageError("--layer and --neuron go together: give both to label one neuron, or neither "
@@ -151,7 +153,7 @@ def _label(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from .lens import search_experts
+    from .lens.queries import search_experts
 
     rows = search_experts(_load_experts(args), args.concept, k=args.k, tau=args.tau)
     print(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'AP':>7} {'AUROC':>7} {'on_p50':>8} {'off_mean':>8}")
@@ -161,7 +163,7 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    from .lens import audit_unrelated
+    from .lens.queries import audit_unrelated
 
     pairs = [p.split(",") for p in args.pair]
     for row in audit_unrelated(_load_experts(args), pairs, tau=args.tau):

@@ -42,11 +42,6 @@ class Concept:
     group: str | None = None
 
 
-def concept_word(name: str) -> str:
-    """The plain word of a concept name: ``"football"`` for OneSec's ``"football-1_04_00__"``."""
-    return name.split("-")[0].replace("_", " ").strip()
-
-
 def resolve_concept(query: str, names: Sequence[str]) -> str:
     """Return the concept name ``query`` refers to: an exact name, or the word of a
     sense-keyed name (``"football"`` for OneSec's ``"football-1_04_00__"``) when unique.
@@ -92,6 +87,24 @@ def _dedupe(name: str, kind: str, sentences: Iterable[str], report: ValidationRe
     if dropped:
         report.duplicates_dropped[name] = report.duplicates_dropped.get(name, 0) + dropped
     return tuple(seen)
+
+
+@dataclass
+class ConceptRows:
+    """Concepts given directly as row indices into one response matrix: names, and per concept
+    the rows of its positives and of its negatives (int arrays)."""
+
+    names: list[str]
+    positives: list[np.ndarray]
+    negatives: list[np.ndarray]
+
+    def positive_indices(self, i: int) -> np.ndarray:
+        """Rows of concept ``i``'s positives."""
+        return np.asarray(self.positives[i])
+
+    def negative_indices(self, i: int) -> np.ndarray:
+        """Rows of concept ``i``'s negatives."""
+        return np.asarray(self.negatives[i])
 
 
 class ConceptSet:
@@ -171,6 +184,13 @@ class ConceptSet:
             )
         return np.array([self._index[s] for s in negatives], dtype=np.int64)
 
+    def rows(self, sentences: Sequence[str]) -> ConceptRows:
+        """The concepts (with negatives) as row indices into ``sentences``, which must hold all their
+        sentences: the view that scores expertise on a subset of already collected responses."""
+        row = {s: i for i, s in enumerate(sentences)}
+        return ConceptRows(self.names, [np.array([row[s] for s in c.positives], dtype=np.int64) for c in self.concepts],
+                           [np.array([row[s] for s in c.negatives], dtype=np.int64) for c in self.concepts])
+
     # ------------------------------------------------------------------ transforms
     def with_sampled_negatives(self, n_negatives: int = 1000, seed: int = 0) -> "ConceptSet":
         """Give each concept without negatives up to ``n_negatives`` sampled from other concepts' positives.
@@ -199,6 +219,17 @@ class ConceptSet:
             rng = np.random.default_rng([seed, *c.name.encode()])
             take = rng.choice(len(pool), size=min(n_negatives, len(pool)), replace=False)
             out.append(Concept(c.name, c.positives, tuple(pool[j] for j in sorted(take)), c.group))
+        return ConceptSet(out)
+
+    def contrasted(self) -> "ConceptSet":
+        """Each concept with the other concepts' positives added to its own negatives (sample negatives
+        first: :meth:`with_sampled_negatives`). For concepts that share a theme (man and woman), this
+        keeps what tells one from the other."""
+        out = []
+        for c in self.concepts:
+            own = set(c.positives)
+            others = [s for o in self.concepts if o.name != c.name for s in o.positives if s not in own]
+            out.append(Concept(c.name, c.positives, tuple(dict.fromkeys(c.negatives + tuple(others))), c.group))
         return ConceptSet(out)
 
     def subset(self, names: Sequence[str]) -> "ConceptSet":

@@ -39,7 +39,8 @@ from .concepts import Concept
 from .errors import InvalidArgumentError
 from .experts import ExpertSet, ModelMismatchError
 from .interventions import AdditionIntervention
-from .models import LoadedModel, UnitSite, decoder_stack, locate_residual_stream
+from .models import LoadedModel
+from .units import UnitSite, decoder_stack, locate_residual_stream
 from .steering import SteeredModel, checked_sites
 
 FORMAT_VERSION = 1

@@ -51,8 +51,9 @@ _CHUNK_ELEMENTS = 1 << 17
 _HIGH, _LOW = (1, 0) if sys.byteorder == "little" else (0, 1)
 
 
-class ConceptSet(Protocol):
-    """What :func:`compute_expertise` needs from a set of concepts."""
+class LabelledRows(Protocol):
+    """What :func:`compute_expertise` needs from a set of concepts: names and, per concept, the rows of
+    its positives and negatives in the response matrix (a ``ConceptSet`` or a ``ConceptRows``)."""
 
     @property
     def names(self) -> list[str]: ...
@@ -60,24 +61,6 @@ class ConceptSet(Protocol):
     def positive_indices(self, i: int) -> np.ndarray: ...
 
     def negative_indices(self, i: int) -> np.ndarray: ...
-
-
-@dataclass
-class ConceptRows:
-    """Concepts given directly as row indices into one response matrix: names, and per concept
-    the rows of its positives and of its negatives (int arrays)."""
-
-    names: list[str]
-    positives: list[np.ndarray]
-    negatives: list[np.ndarray]
-
-    def positive_indices(self, i: int) -> np.ndarray:
-        """Rows of concept ``i``'s positives."""
-        return np.asarray(self.positives[i])
-
-    def negative_indices(self, i: int) -> np.ndarray:
-        """Rows of concept ``i``'s negatives."""
-        return np.asarray(self.negatives[i])
 
 
 @dataclass
@@ -122,7 +105,7 @@ class Expertise:
 
 
 def compute_expertise(
-    responses, concepts: ConceptSet, *, block_units: int = 2048, progress: bool = True
+    responses, concepts: LabelledRows, *, block_units: int = 2048, progress: bool = True
 ) -> Expertise:
     """Score every unit as a detector of every concept.
 
@@ -222,7 +205,7 @@ def _read_block(read_columns, start: int, stop: int, n_rows: int) -> np.ndarray:
     return columns
 
 
-def _evaluation_sets(concepts: ConceptSet, n_rows: int) -> list[_EvaluationSet]:
+def _evaluation_sets(concepts: LabelledRows, n_rows: int) -> list[_EvaluationSet]:
     """Check every concept's index sets against ``n_rows`` sentences."""
     names = list(concepts.names)
     if not names:

@@ -1,9 +1,10 @@
 """Stage 5: expert selection.
 
-:func:`discover` runs stages 3-5 end to end. An :class:`ExpertSet` is the expertise of every unit of one model for a set of
+An :class:`ExpertSet` is the expertise of every unit of one model for a set of
 concepts, together with the map from global unit index to (layer, neuron) and
 the fingerprint of the model it was computed on. It is what ``discover`` writes
-and what steering reads. :meth:`ExpertSet.select` turns it into an
+and what steering reads. :meth:`ExpertSet.from_responses` scores collected responses
+into one, :meth:`ExpertSet.concat` stacks the concepts of several. :meth:`ExpertSet.select` turns it into an
 :class:`ExpertSelection`: the experts of one concept (top-k, AP > tau, per
 layer) or a control (random, lowest AP), each with the value it will be set to.
 """
@@ -21,12 +22,13 @@ from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from .atomic import atomic_write, claim_output_folder
-from .concepts import ConceptSet, resolve_concept
+from .concepts import resolve_concept
 from .errors import CorruptFileError, InvalidArgumentError, SteerExpertsError, UnitNotFoundError
 from .expertise import Expertise, compute_expertise
 from .integrity import STAMP_KEY, check_finite, check_unit_interval, header_metadata, load_verified, stamp
-from .models import LoadedModel, UnitSite, locate_units
-from .responses import collect_responses
+from .hub import resolve_folder, upload_folder
+from .models import LoadedModel
+from .units import UnitSite, locate_units
 
 FORMAT_VERSION = 2  # 2: JSON and safetensors carry a shared save id and the arrays' content hash
 VALUE_STATS = ("on_p50", "on_mean", "on_p90", "off_mean", "zero")
@@ -120,6 +122,31 @@ class ExpertSet:
         self.layer = np.repeat([s.layer for s in sites], widths).astype(np.int64)
         self.neuron = np.concatenate([np.arange(w) for w in widths]).astype(np.int64)
         self._layer_offset = {s.layer: int(o) for s, o in zip(sites, np.cumsum([0] + widths[:-1]))}
+
+    @classmethod
+    def from_responses(cls, responses, concepts, model: LoadedModel, *, unit_kind: str = "mlp",
+                       metadata: dict | None = None, progress: bool = True) -> "ExpertSet":
+        """Score ``responses`` (a :class:`~steer_experts.responses.Responses` or a (sentences, units)
+        array collected from ``model``'s ``unit_kind`` units) for ``concepts`` (a ``ConceptSet`` over
+        the same sentences, or ``ConceptSet.rows(sentences)`` for a subset of them)."""
+        sites = responses.sites if hasattr(responses, "sites") else locate_units(model.model, unit_kind)
+        expertise = compute_expertise(responses, concepts, progress=progress)
+        return cls(expertise, sites, model.name, model.fingerprint, unit_kind, metadata)
+
+    @classmethod
+    def concat(cls, parts: Sequence["ExpertSet"], metadata: dict | None = None) -> "ExpertSet":
+        """One ExpertSet holding the concepts of ``parts`` in order (same model, same units); its
+        metadata is the first part's, updated with ``metadata``."""
+        first = parts[0]
+        for p in parts[1:]:
+            if p.model_fingerprint != first.model_fingerprint or p.n_units != first.n_units:
+                raise InvalidArgumentError("Expert sets to concatenate must come from the same model and units.")
+        stack = {s: np.concatenate([getattr(p.expertise, s) for p in parts]) for s in Expertise.STATS}
+        expertise = Expertise(concepts=[c for p in parts for c in p.concepts], **stack,
+                              n_positives=np.concatenate([p.expertise.n_positives for p in parts]),
+                              n_negatives=np.concatenate([p.expertise.n_negatives for p in parts]))
+        return cls(expertise, first.sites, first.model_name, first.model_fingerprint, first.unit_kind,
+                   dict(first.metadata, **(metadata or {})))
 
     # ------------------------------------------------------------------ basics
     @property
@@ -296,8 +323,6 @@ class ExpertSet:
     @classmethod
     def from_pretrained(cls, folder_or_repo: str | Path, model: LoadedModel | None = None) -> "ExpertSet":
         """Load an expert set from a folder or a Hub repo id; if ``model`` is given, check it matches."""
-        from .hub import resolve_folder
-
         folder = resolve_folder(folder_or_repo, [CONFIG_NAME, WEIGHTS_NAME], what="expert set")
         try:
             config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -333,28 +358,6 @@ class ExpertSet:
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload the folder ``save_pretrained`` writes to the Hub; returns the repo URL."""
-        from .hub import upload_folder
-
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return upload_folder(tmp, repo_id, private=private, token=token)
-
-
-def discover(model: LoadedModel, concepts: ConceptSet, *, unit_kind: str = "mlp", pooling: str = "max",
-             max_length: int = 128, batch_size: int = 32, n_negatives: int = 1000, seed: int = 0,
-             cache_dir: str | Path | None = None, progress: bool = True) -> ExpertSet:
-    """Find the experts of every concept: collect responses, score expertise, return an :class:`ExpertSet`.
-
-    Concepts without negatives get ``n_negatives`` sampled (with ``seed``) from the
-    other concepts' positives. Responses are cached (see
-    :func:`~steer_experts.responses.collect_responses` for the other arguments).
-    """
-    concepts = concepts.with_sampled_negatives(n_negatives, seed)
-    responses = collect_responses(model, concepts.sentences, unit_kind=unit_kind, pooling=pooling,
-                                  max_length=max_length, batch_size=batch_size, cache_dir=cache_dir,
-                                  progress=progress)
-    expertise = compute_expertise(responses, concepts, progress=progress)
-    metadata = {"pooling": pooling, "max_length": max_length, "n_sentences": responses.n_sentences,
-                "truncated_sentences": responses.truncated, "negative_sampling_seed": seed,
-                "duplicates_dropped": concepts.report.duplicates_dropped}
-    return ExpertSet(expertise, responses.sites, model.name, model.fingerprint, unit_kind, metadata)

@@ -41,7 +41,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
     from pyvene.models import modeling_utils as _pyvene_modeling
     from pyvene.models.interventions import ConstantSourceIntervention, LocalistRepresentationIntervention
 
-from .models import UnitSite
+from .units import UnitSite
 
 WEIGHT_ROW, TARGET_ROW, BOUND_ROW = 0, 1, 2
 SET, CLAMP_UP, CLAMP_DOWN, SHIFT = 0, 1, -1, 2

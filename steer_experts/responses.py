@@ -38,10 +38,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import atomic_write, file_safe
 from .errors import CorruptFileError, InvalidArgumentError
 from .integrity import file_checksum
-from .models import LoadedModel, UnitSite, cache_root, decoder_stack, locate_units
+from .models import LoadedModel, cache_root
+from .units import UnitSite, decoder_stack, locate_units
 
 try:
     import fcntl
@@ -112,10 +113,6 @@ def _hash_sentences(sentences: Sequence[str]) -> str:
     return hashlib.blake2b(json.dumps(list(sentences)).encode(), digest_size=8).hexdigest()
 
 
-def _safe_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-60:]
-
-
 def _dtype_name(model: LoadedModel) -> str:
     return str(next(model.model.parameters()).dtype).removeprefix("torch.")
 
@@ -126,7 +123,7 @@ def response_cache_folder(model: LoadedModel, sentences: Sequence[str], unit_kin
     cache format) live."""
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "responses"
     work = f"{unit_kind}-{pooling}-len{max_length}-{_dtype_name(model)}-v{CACHE_VERSION}"
-    return root / f"{_safe_name(model.name)}-{model.fingerprint[:16]}" / work / _hash_sentences(sentences)
+    return root / f"{file_safe(model.name, keep='-_.', last=60)}-{model.fingerprint[:16]}" / work / _hash_sentences(sentences)
 
 
 @contextlib.contextmanager

@@ -69,7 +69,10 @@ from .errors import CorruptFileError
 from .integrity import STAMP_KEY, check_steered_save, header_metadata, load_verified, stamp
 from .experts import VALUE_STATS, ExpertSet, ModelMismatchError
 from .interventions import ExpertIntervention, build_intervenable, pyvene_call
-from .models import LoadedModel, UnitSite, locate_units
+from .hub import resolve_folder, upload_folder
+from .model_card import render_model_card
+from .models import LoadedModel
+from .units import UnitSite, locate_units
 
 MODES = ("set", "dampen", "ablate", "clamp", "add")
 SUPPRESS_MODES = ("dampen", "ablate", "clamp")
@@ -180,7 +183,7 @@ def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bo
     return np.full(n, scale, np.float32), selection.values(value), np.full(n, bound, np.float32)
 
 
-def _is_number(x) -> bool:
+def _finite_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -197,7 +200,7 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
         raise ValueError(f"Unknown suppress mode {spec.suppress!r}; choose one of {SUPPRESS_MODES}.")
     if spec.positions not in POSITIONS:
         raise ValueError(f"Unknown positions {spec.positions!r}; choose one of {POSITIONS}.")
-    if not _is_number(spec.alpha) or spec.alpha < 0:
+    if not _finite_real(spec.alpha) or spec.alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0; got {spec.alpha!r}. "
                          "To push a concept away, give it a negative strength instead.")
     allowed = {"set": VALUE_STATS, "clamp": VALUE_STATS, "ablate": ABLATE_VALUES, "dampen": (), "add": ()}[spec.mode]
@@ -207,7 +210,7 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
     if not spec.concepts:
         raise ValueError("No concepts given: pass a concept name or a {concept: strength} mapping.")
     for name, strength in spec.concepts.items():
-        if not _is_number(strength) or strength == 0:
+        if not _finite_real(strength) or strength == 0:
             raise ValueError(f"Strength of concept {name!r} must be a finite non-zero number "
                              f"(> 0 toward, < 0 suppress); got {strength!r}.")
     if spec.rank not in ("ap", "scores"):
@@ -218,7 +221,7 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
     return replace(spec, concepts={n: float(s) for n, s in spec.concepts.items()}, alpha=float(spec.alpha),
                    layers=None if spec.layers is None else sorted({int(x) for x in spec.layers}),
                    k=_plain_int(spec.k), per_layer=_plain_int(spec.per_layer),
-                   tau=float(spec.tau) if _is_number(spec.tau) else spec.tau)
+                   tau=float(spec.tau) if _finite_real(spec.tau) else spec.tau)
 
 
 def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | None = None,
@@ -488,8 +491,6 @@ class SteeredModel:
         so ``pyvene.IntervenableModel.load(folder / "pyvene", model)`` works too. A folder that
         holds other files (e.g. a model's) is refused unless ``overwrite=True``.
         """
-        from .hub import render_model_card
-
         folder = claim_output_folder(folder, SAVED_NAMES, overwrite=overwrite, what="steered model")
         config = self.config()
         arrays = {key: np.ascontiguousarray(value) for key, value in self.method_arrays().items()}
@@ -522,8 +523,6 @@ class SteeredModel:
             ValueError: the folder is corrupt or from an incompatible version.
             FileNotFoundError / HubUnavailableError: nothing to load there.
         """
-        from .hub import resolve_folder
-
         folder = resolve_folder(folder_or_repo, [CONFIG_NAME, WEIGHTS_NAME], what="steered model")
         try:
             config = json.loads((folder / CONFIG_NAME).read_text())
@@ -557,8 +556,6 @@ class SteeredModel:
         Raises:
             HubUnavailableError: offline, not logged in, or the upload failed.
         """
-        from .hub import upload_folder
-
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, repo_id=repo_id)
             return upload_folder(tmp, repo_id, private=private, token=token,

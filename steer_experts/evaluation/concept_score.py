@@ -13,7 +13,7 @@ continuation is about the concept (:meth:`ConceptClassifier.score`), in [0, 1].
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -21,7 +21,34 @@ from sklearn.model_selection import train_test_split
 
 from ..concepts import Concept
 from ..errors import InvalidArgumentError
+from ..words import word_tuple, words_pattern
+from .diversity import nonempty_texts
 from .sentence_encoder import SentenceEncoder
+
+
+def contains_concept(text: str, words: Iterable[str]) -> bool:
+    """Whether ``text`` contains any of ``words`` as a whole word, case-insensitive.
+
+    Whole word means not preceded or followed by a letter, digit or underscore:
+    "Football's" and "football-mad" match "football"; "footballer" does not.
+    """
+    return words_pattern(word_tuple(words)).search(text) is not None
+
+
+def concept_presence(texts: Sequence[str], words: Iterable[str]) -> np.ndarray:
+    """Return a boolean array: for each text, whether it contains the concept (see :func:`contains_concept`)."""
+    texts = nonempty_texts(texts, "concept_presence")
+    pattern = words_pattern(word_tuple(words))
+    return np.array([pattern.search(t) is not None for t in texts], dtype=bool)
+
+
+def concept_rate(texts: Sequence[str], words: Iterable[str]) -> float:
+    """Return p(concept): the share of ``texts`` that contain the concept, in [0, 1].
+
+    For its 95% interval use ``bootstrap_interval(concept_presence(texts, words))``.
+    """
+    return float(concept_presence(texts, words).mean())
+
 
 
 class ConceptClassifier:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .concepts import ConceptSet
-from .evaluation.sentence_encoder import SentenceEncoder
-from .models import LoadedModel
+from ..concepts import ConceptSet
+from ..evaluation.sentence_encoder import SentenceEncoder
+from ..models import LoadedModel
 from .similarity import SimilarityMatrix, cosine_matrix
 
 

@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import InvalidArgumentError
-from .experts import ExpertSet, check_tau
+from ..errors import InvalidArgumentError
+from ..experts import ExpertSet, check_tau
 from .similarity import jaccard_similarity, shared_experts
 
 

@@ -37,9 +37,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
-from .concepts import ConceptDataError
-from .models import LoadedModel
+from ..atomic import atomic_write, file_safe
+from ..concepts import ConceptDataError
+from ..models import LoadedModel
+from ..words import mention_pattern
 
 # Several phrasings per style: the same prompt sampled many times repeats itself.
 PROMPTS: dict[str, tuple[str, ...]] = {
@@ -102,60 +103,6 @@ class WritingSettings:
         key["styles"] = list(self.styles)
         key["prompts"] = {s: list(PROMPTS[s]) for s in self.styles}
         return key
-
-
-# --------------------------------------------------------------------------- word matching
-
-
-def word_forms(word: str) -> set[str]:
-    """The word and its regular English inflections, lower case.
-
-    Covers plurals / 3rd person (-s, -es, -ies), -ed, -ing, -er, -est, with final-e
-    dropping and consonant doubling, and works back from an inflected form
-    ("sitting" -> "sit", "flowers" -> "flower"), so that a sentence about
-    "sit" counts for "sitting". Irregular forms ("ran") are not covered.
-    """
-    word = word.lower().strip()
-    stems = {word}
-    for suffix, replacement in (("ies", "y"), ("es", ""), ("s", ""), ("ied", "y"), ("ed", ""), ("ed", "e"),
-                                ("ing", ""), ("ing", "e")):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            stem = word[: len(word) - len(suffix)] + replacement
-            if suffix == "es" and not stem.endswith(("s", "x", "z", "ch", "sh", "o")):
-                continue  # "stripes" is stripe + s, not strip + es
-            stems.add(stem)
-            if len(stem) >= 4 and stem[-1] == stem[-2] and stem[-1] not in "aeiouls":
-                stems.add(stem[:-1])  # "sitting" -> "sitt" -> "sit"
-    return set().union(*(_inflections(stem) for stem in stems))
-
-
-def _inflections(stem: str) -> set[str]:
-    vowels = "aeiou"
-    forms = {stem, stem + "'s"}
-    consonant_y = stem.endswith("y") and len(stem) > 2 and stem[-2] not in vowels
-    forms.add(stem + "es" if stem.endswith(("s", "x", "z", "ch", "sh", "o")) else
-              stem[:-1] + "ies" if consonant_y else stem + "s")
-    if stem.endswith("e"):
-        forms |= {stem + "d", stem + "r", stem + "st", stem[:-1] + "ing"}
-    elif consonant_y:
-        forms |= {stem[:-1] + "ied", stem[:-1] + "ier", stem[:-1] + "iest", stem + "ing"}
-    elif len(stem) <= 4 and len(stem) >= 3 and stem[-1] not in vowels + "wxy" and stem[-2] in vowels \
-            and stem[-3] not in vowels:
-        forms |= {stem + stem[-1] + suffix for suffix in ("ed", "ing", "er", "est")}  # sit -> sitting
-    else:
-        forms |= {stem + suffix for suffix in ("ed", "ing", "er", "est")}
-    return forms
-
-
-def mention_pattern(word: str) -> re.Pattern:
-    """A case-insensitive regex matching any of :func:`word_forms` as a whole word."""
-    alternatives = sorted(word_forms(word), key=len, reverse=True)
-    return re.compile(r"(?<![\w-])(?:" + "|".join(map(re.escape, alternatives)) + r")(?![\w-])", re.IGNORECASE)
-
-
-def mentions(sentence: str, word: str) -> bool:
-    """True if ``sentence`` contains ``word`` or an inflection of it as a whole word."""
-    return bool(mention_pattern(word).search(sentence))
 
 
 # --------------------------------------------------------------------------- sentence filtering
@@ -269,10 +216,6 @@ class WritingReport:
         }
 
 
-def _safe_name(word: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in word)
-
-
 def round_seed(seed: int, word: str, round_index: int) -> int:
     """The sampling seed of one round: a hash of (seed, word, round), 63 bits."""
     digest = hashlib.blake2b(f"{seed}\x1f{word}\x1f{round_index}".encode(), digest_size=8).digest()
@@ -327,7 +270,7 @@ class ConceptWriter:
 
     def progress_of(self, word: str) -> WordProgress:
         """The saved progress of ``word`` (empty if none)."""
-        path = self.state_folder / f"{_safe_name(word)}.json"
+        path = self.state_folder / f"{file_safe(word)}.json"
         if not path.exists():
             return WordProgress(word)
         data = json.loads(path.read_text())
@@ -336,7 +279,7 @@ class ConceptWriter:
         return WordProgress(**data)
 
     def _save(self, progress: WordProgress) -> None:
-        name = _safe_name(progress.word)
+        name = file_safe(progress.word)
         atomic_write(self.state_folder / f"{name}.json", lambda p: p.write_text(json.dumps(asdict(progress))))
         rows = [{"concept": progress.word, "text": k["text"], "label": 1, "style": k["style"]}
                 for k in progress.kept[: self.settings.n_positives]]

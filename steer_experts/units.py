@@ -1,0 +1,117 @@
+"""Stage 2: where a model's units are.
+
+Units are located through a registry of *unit kinds* (``UNIT_KINDS``): each kind
+maps a model to a list of :class:`UnitSite` -- one module per layer whose input
+holds that layer's units. ``"mlp"`` (the MLP neurons) is the kind experts are
+found in; the residual stream (:func:`locate_residual_stream`) is where DiffMean
+steers; other kinds plug in with :func:`register_unit_kind`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from .errors import InvalidArgumentError, SteerExpertsError
+
+
+
+@dataclass(frozen=True)
+class UnitSite:
+    """One layer's units: the input (or, with ``port="output"``, the output) of ``module_path``,
+    ``width`` units wide.
+
+    ``module_path`` is a dotted path for ``model.get_submodule``;
+    :attr:`pyvene_component` is the same place in pyvene's path syntax.
+    """
+
+    layer: int
+    module_path: str
+    width: int
+    port: str = "input"
+
+    @property
+    def pyvene_component(self) -> str:
+        """The site in pyvene's path syntax, e.g. ``model.layers[3].mlp.down_proj.input``."""
+        parts = []
+        for part in self.module_path.split("."):
+            if part.isdigit():
+                parts[-1] += f"[{part}]"
+            else:
+                parts.append(part)
+        return ".".join(parts) + "." + self.port
+
+
+class UnsupportedArchitectureError(SteerExpertsError, NotImplementedError):
+    """Raised when no unit locator knows the model's architecture."""
+
+
+# Where the MLP's down projection lives, per architecture: (layers path, module
+# inside a layer). Its *input* is the neuron: act(gate(x)) * up(x) for gated MLPs,
+# act(fc(x)) otherwise -- never act(gate) alone.
+MLP_DOWN_PROJ: dict[str, tuple[str, str]] = {
+    **{t: ("model.layers", "mlp.down_proj") for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3")},
+    "gemma3": ("model.language_model.layers", "mlp.down_proj"),
+    "gpt2": ("transformer.h", "mlp.c_proj"),
+    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
+}
+
+
+def _input_width(module: torch.nn.Module) -> int:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.dim() == 2:  # gpt2's Conv1D stores (in, out)
+        return weight.shape[0]
+    raise UnsupportedArchitectureError(f"Cannot tell the input width of {type(module).__name__}.")
+
+
+def locate_mlp_neurons(model: PreTrainedModel) -> list[UnitSite]:
+    """Return one :class:`UnitSite` per layer: the input of the MLP's down projection."""
+    model_type = model.config.model_type
+    if model_type not in MLP_DOWN_PROJ:
+        raise UnsupportedArchitectureError(
+            f"No MLP neuron locator for model_type={model_type!r}. Supported: {sorted(MLP_DOWN_PROJ)}. "
+            "To add one, set steer_experts.units.MLP_DOWN_PROJ[model_type] = (layers path, "
+            "down-projection path inside a layer), e.g. ('model.layers', 'mlp.down_proj')."
+        )
+    layers_path, inner = MLP_DOWN_PROJ[model_type]
+    layers = model.get_submodule(layers_path)
+    sites = []
+    for i, layer in enumerate(layers):
+        module = layer.get_submodule(inner)
+        sites.append(UnitSite(i, f"{layers_path}.{i}.{inner}", _input_width(module)))
+    return sites
+
+
+def locate_residual_stream(model: PreTrainedModel) -> list[UnitSite]:
+    """Return one :class:`UnitSite` per layer: the output of the decoder block (the residual stream)."""
+    locate_mlp_neurons(model)  # the same architectures, and the same error for the others
+    layers_path = MLP_DOWN_PROJ[model.config.model_type][0]
+    width = model.config.get_text_config().hidden_size
+    return [UnitSite(i, f"{layers_path}.{i}", width, port="output")
+            for i in range(len(model.get_submodule(layers_path)))]
+
+
+UNIT_KINDS: dict[str, Callable[[PreTrainedModel], list[UnitSite]]] = {"mlp": locate_mlp_neurons}
+
+
+def register_unit_kind(name: str, locator: Callable[[PreTrainedModel], list[UnitSite]]) -> None:
+    """Add a unit kind: ``locator(model)`` returns the sites whose inputs are the units."""
+    UNIT_KINDS[name] = locator
+
+
+def locate_units(model: PreTrainedModel, kind: str = "mlp") -> list[UnitSite]:
+    """Return the unit sites of ``kind`` (see ``UNIT_KINDS``) in layer order."""
+    if kind not in UNIT_KINDS:
+        raise InvalidArgumentError(f"Unknown unit kind {kind!r}; known kinds: {sorted(UNIT_KINDS)}.")
+    return UNIT_KINDS[kind](model)
+
+
+def decoder_stack(model: PreTrainedModel) -> torch.nn.Module:
+    """Return the model without its LM head (``model.base_model``): enough to compute unit responses."""
+    return model.base_model
