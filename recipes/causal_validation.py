@@ -2,7 +2,7 @@
 
 Two tests per concept, each ending in a one-line verdict with its numbers.
 
-1. **Ablation.** On prompts that invite the concept (recipes/prompts.py, e.g. "My
+1. **Ablation.** On prompts that invite the concept (``evaluation.prompts``, e.g. "My
    favourite sport is"), silence the top-k experts at every position -- set them
    to zero, or to their mean response on the negatives (``off_mean``), or dampen
    them AurA-style (``dampen``: z <- z (1 - 2 (AUROC - 0.5)), toward zero), or clamp
@@ -41,12 +41,10 @@ ablation.png. Resumable (ablation cells are skipped when done).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
 import matplotlib  # noqa: E402
 
@@ -55,29 +53,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from prompts import concept_word, inviting_prompts  # noqa: E402
-from recipe_io import (  # noqa: E402
-    ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, difference_row, distinct_forms, experts_for, mean_row,
-    next_word_probability, parse_numbers, rate_row, rows_of, save_report, set_threads, write_csv, write_text,
-)
+from _common import LazyModel, RunFolder, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
-from steer_experts.evaluation import concept_presence, concept_words  # noqa: E402
+from steer_experts.evaluation import (  # noqa: E402
+    SteeredScorer, concept_presence, difference_row, distinct_forms, mean_row, next_word_probability, rate_row,
+)
+from steer_experts.evaluation.prompts import inviting_prompts  # noqa: E402
 from steer_experts.expertise import compute_expertise  # noqa: E402
 from steer_experts.responses import collect_responses  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
+from steer_experts.words import concept_word, concept_words  # noqa: E402
 
 BASE = "base"
 SILENCING = ("zero", "off_mean", "dampen", "clamp_down")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
-    p.add_argument("--concepts", default=str(ONESEC),
-                   help="concept data (ConceptSet.load): discovery and the generalisation split")
-    p.add_argument("--concept", action="append", help="concept to validate (repeatable); default: all")
+def parse_args(argv: list[str] | None):
+    p = recipe_parser(__doc__)  # --concepts: discovery and the generalisation split
     p.add_argument("--ks", default="10,30,100,300", help="numbers of units ablated")
     p.add_argument("--values", default="zero,off_mean,dampen,clamp_down",
                    help="how units are silenced: zero, off_mean (set to that value), dampen (AurA factor), "
@@ -94,14 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of above-chance AP the held-out half must keep for the verdict")
     p.add_argument("--no-ablation", action="store_true", help="run the generalisation test only")
     p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0, help="sampling, random controls, bootstrap, split")
-    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
-    args = p.parse_args(argv)
-    args.ks = sorted(set(parse_numbers(args.ks)))
-    args.split_ks = sorted(set(parse_numbers(args.split_ks)))
-    args.values = parse_numbers(args.values, str)
-    args.controls = parse_numbers(args.controls, str)
+    args = parse(p, argv)  # --seed: sampling, random controls, bootstrap, split
+    args.ks = sorted(set(numbers(args.ks)))
+    args.split_ks = sorted(set(numbers(args.split_ks)))
+    args.values = numbers(args.values, str)
+    args.controls = numbers(args.controls, str)
     if any(v not in SILENCING for v in args.values):
         p.error(f"--values takes some of {', '.join(SILENCING)}")
     if any(c not in ("random", "lowest") for c in args.controls):
@@ -241,8 +230,8 @@ def generalisation(model, concept_set: ConceptSet, names: list[str], args) -> li
         whole = concept_set.subset([name])  # the sentences discovery saw, so the responses come from the cache
         responses = collect_responses(model, whole.sentences, cache_dir=args.cache_dir)
         first, second = whole.split(args.split_fraction, seed=args.seed)
-        ap_a = compute_expertise(responses, rows_of(first.concepts, whole.sentences), progress=False).ap[0]
-        held = compute_expertise(responses, rows_of(second.concepts, whole.sentences), progress=False)
+        ap_a = compute_expertise(responses, first.rows(whole.sentences), progress=False).ap[0]
+        held = compute_expertise(responses, second.rows(whole.sentences), progress=False)
         ap_b = held.ap[0]
         chance = float(held.n_positives[0] / (held.n_positives[0] + held.n_negatives[0]))
         order_a, order_b = np.argsort(-ap_a, kind="stable"), np.argsort(-ap_b, kind="stable")
@@ -262,7 +251,7 @@ def generalisation(model, concept_set: ConceptSet, names: list[str], args) -> li
 # --------------------------------------------------------------------------- report
 
 
-def write_report(names, verdicts, general, args, out: Path) -> str:
+def write_report(names, verdicts, general, args, run: RunFolder) -> str:
     lines = [f"Causal validation on {args.model}. Ablation: {args.samples_per_prompt} samples per inviting prompt, "
              f"{args.max_new_tokens} tokens, T={args.temperature:g}, top-k {args.top_k}; gap = p(control ablated) - "
              "p(experts ablated) with a 95% bootstrap interval; p_next = probability that the continuation starts "
@@ -306,21 +295,19 @@ def write_report(names, verdicts, general, args, out: Path) -> str:
                 lines.append(f"   k={g['k']:>5}: AP choosing {g['ap_choosing']:.3f}, held out {g['ap_held_out']:.3f} "
                              f"(drop {g['ap_drop']:.3f}, min {g['ap_held_out_min']:.3f}); held-out own top-k "
                              f"{g['ap_held_out_own_topk']:.3f}; overlap {g['overlap']:.2f}")
-    return save_report(out, lines)
+    return run.report(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the summary also written to report.json."""
     args = parse_args(argv)
-    set_threads(args.threads)
     out = Path(args.out)
     settings = dict(recipe="causal_validation", model=args.model, samples_per_prompt=args.samples_per_prompt,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     batch_size=args.batch_size, seed=args.seed, experts=args.experts, concepts=args.concepts)
     run = RunFolder(out, settings)
-    lazy = LazyModel(args.model)
-    expert_set = experts_for(lazy, out, args.experts, args.concepts, args.concept, args.cache_dir)
-    names = concept_names(expert_set, args.concept)
+    lazy = LazyModel(args)
+    expert_set, names = experts_for(lazy, args)
     model = lazy.get(expert_set)  # the generalisation test reads the model's cached responses
 
     verdicts: dict[str, list[dict]] = {}
@@ -341,11 +328,11 @@ def main(argv: list[str] | None = None) -> dict:
     concept_set = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
     general = generalisation(model, concept_set, names, args)
     write_csv(out / "generalisation.csv", general)
-    print(write_report(names, verdicts, general, args, out))
+    print(write_report(names, verdicts, general, args, run))
     summary = {"cells_generated": cells_generated, "ablation": verdicts, "generalisation": general}
-    write_text(out / "report.json", json.dumps(summary, indent=1))
+    run.write("report.json", summary)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -15,7 +15,7 @@ Metrics per cell, each with a 95% percentile-bootstrap interval over samples:
 * ppl_cross: perplexity of each continuation given its prompt under a
   *different* model (Gemma-3-270M scores SmolLM2, and the reverse), as the paper
   scores GPT-2 with openai-gpt. ppl_self: the same under the steered model
-  itself (its steered forward, via ``recipe_io.SteeredScorer``). Means over texts.
+  itself (its steered forward, via ``evaluation.SteeredScorer``). Means over texts.
 * Self-BLEU-3/4 (per prompt, then averaged; lower = more diverse) and distinct-1/2/3.
 
 Operating point: the smallest k (then alpha) of the experts whose p(concept)
@@ -23,7 +23,7 @@ reaches ``--target-rate`` with a perplexity within ``--ppl-budget`` times the
 unsteered one, chosen on half of the prompts and reported on the other half.
 
 Defaults follow the paper's sampling (T = 1.0, top-k 10) with 12 prompts x 4
-samples of 25 tokens per cell. Outputs (see recipe_io for the folder layout):
+samples of 25 tokens per cell. Outputs (see _common for the folder layout):
 samples.jsonl, metrics.csv, operating_point.csv, report.txt, report.json,
 p_vs_k.png, p_vs_perplexity.png. Resumable: finished cells are skipped.
 
@@ -34,12 +34,11 @@ p_vs_k.png, p_vs_perplexity.png. Resumable: finished cells are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
 import matplotlib  # noqa: E402
 
@@ -49,25 +48,23 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from prompts import NEUTRAL_PROMPTS, concept_word  # noqa: E402
-from recipe_io import (  # noqa: E402
-    ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, cross_scorer, experts_for, mean_row, parse_numbers,
-    rate_row, save_report, set_threads, write_csv, write_text,
+from _common import (  # noqa: E402
+    LazyModel, RunFolder, cross_scorer, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv,
 )
-from steer_experts.evaluation import concept_presence, concept_words, distinct_n, perplexity, self_bleu  # noqa: E402
+from steer_experts.errors import InvalidArgumentError  # noqa: E402
+from steer_experts.evaluation import (  # noqa: E402
+    SteeredScorer, concept_presence, distinct_n, mean_row, perplexity, rate_row, self_bleu,
+)
+from steer_experts.evaluation.prompts import NEUTRAL_PROMPTS  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
+from steer_experts.words import concept_word, concept_words  # noqa: E402
 
 CONDITIONS = ("experts", "random", "lowest")
 BASE = "base"  # the k = 0 cell, shared by every concept and condition
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
-    p.add_argument("--concepts", default=str(ONESEC), help="concept data for discovery (ConceptSet.load)")
-    p.add_argument("--concept", action="append", help="concept to steer (repeatable); default: all")
+    p = recipe_parser(__doc__)
     p.add_argument("--ks", default="0,1,3,10,30,100,300,1000", help="numbers of experts")
     p.add_argument("--alphas", default="1.0", help="intervention strengths (1 = set to on_p50 exactly)")
     p.add_argument("--controls", default="random,lowest", help="controls to run: random, lowest, or none")
@@ -85,13 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ppl-budget", type=float, default=2.0,
                    help="operating point's perplexity may be at most this multiple of the unsteered one")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="sampling, random controls, bootstrap, prompt split")
-    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
-    args = p.parse_args(argv)
-    args.ks = sorted(set(parse_numbers(args.ks)))
-    args.alphas = parse_numbers(args.alphas, float)
-    args.controls = [] if args.controls == "none" else parse_numbers(args.controls, str)
+    args = parse(p, argv)  # --seed: sampling, random controls, bootstrap, prompt split
+    args.ks = sorted(set(numbers(args.ks)))
+    args.alphas = numbers(args.alphas, float)
+    args.controls = [] if args.controls == "none" else numbers(args.controls, str)
     bad = [c for c in args.controls if c not in CONDITIONS[1:]]
     if bad:
         p.error(f"unknown control(s) {bad}; use random, lowest or none")
@@ -108,7 +102,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     prompts = prompts[: args.n_prompts] if args.n_prompts else prompts
     if len(prompts) < 2:
-        raise SystemExit("Give at least 2 prompts: the operating point is chosen on one half of them and "
+        raise InvalidArgumentError("Give at least 2 prompts: the operating point is chosen on one half of them and "
                          "reported on the other.")
     return prompts
 
@@ -119,7 +113,7 @@ def extra_words(specs: list[str]) -> dict[str, list[str]]:
     for spec in specs:
         concept, sep, words = spec.partition("=")
         if not sep:
-            raise SystemExit(f"--extra-words {spec!r} should read CONCEPT=word1,word2.")
+            raise InvalidArgumentError(f"--extra-words {spec!r} should read CONCEPT=word1,word2.")
         out.setdefault(concept.strip(), []).extend(w.strip() for w in words.split(",") if w.strip())
     return out
 
@@ -313,7 +307,7 @@ def interval(row: dict, key: str, digits: int = 2) -> str:
     return f"{row[key]:.{digits}f} [{row[key + '_low']:.{digits}f}, {row[key + '_high']:.{digits}f}]"
 
 
-def write_report(table, names, points, separations, ppl_key, args, out: Path) -> str:
+def write_report(table, names, points, separations, ppl_key, args, run: RunFolder) -> str:
     n_prompts = table[0]["n"] // args.samples_per_prompt
     lines = [f"Concept induction on {args.model}: {args.samples_per_prompt} samples x {n_prompts} prompts per cell, "
              f"{args.max_new_tokens} new tokens, T={args.temperature:g}, top-k {args.top_k}, seed {args.seed}. Intervals: 95% bootstrap. Perplexity scorer: {ppl_key}."]
@@ -345,13 +339,12 @@ def write_report(table, names, points, separations, ppl_key, args, out: Path) ->
                          f"{point['p_concept_base_report']:.2f}, {ppl_key} = {point[ppl_key + '_base_report']:.1f}).")
         else:
             lines.append(f"operating point: none ({point['why']}).")
-    return save_report(out, lines)
+    return run.report(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the summary also written to report.json."""
     args = parse_args(argv)
-    set_threads(args.threads)
     out = Path(args.out)
     prompts = read_prompts(args)
     settings = dict(recipe="concept_induction", model=args.model, prompts=prompts,
@@ -359,9 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
                     temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
                     scorer=args.scorer, experts=args.experts)
     run = RunFolder(out, settings)
-    lazy = LazyModel(args.model)
-    expert_set = experts_for(lazy, out, args.experts, args.concepts, args.concept, args.cache_dir)
-    names = concept_names(expert_set, args.concept)
+    lazy = LazyModel(args)
+    expert_set, names = experts_for(lazy, args)
     extras = extra_words(args.extra_words)
     words = {n: concept_words(concept_word(n), extras.get(concept_word(n), []) + extras.get(n, [])) for n in names}
 
@@ -369,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [RunFolder.cell_id(**c) for c in cells]
     todo = [(c, i) for c, i in zip(cells, ids) if not run.done(i)]
     model = lazy.get(expert_set) if todo else None
-    scorer = cross_scorer(args.model, args.scorer) if todo else None
+    scorer = cross_scorer(args) if todo else None
     for cell, cell_id in tqdm(todo, desc="cells", unit="cell"):
         run.write_cell(cell_id, run_cell(cell, model, expert_set, scorer, prompts, args))
     rows = run.all_rows(ids)
@@ -384,14 +376,14 @@ def main(argv: list[str] | None = None) -> dict:
                    for c in names}
     plot_p_vs_k(table, names, args, out / "p_vs_k.png")
     plot_tradeoff(table, names, args, ppl_key, out / "p_vs_perplexity.png")
-    print(write_report(table, names, points, separations, ppl_key, args, out))
+    print(write_report(table, names, points, separations, ppl_key, args, run))
     summary = {"cells_generated": len(todo), "cells": len(cells), "words": words, "operating_points": points,
                "separation": {c: {ctl: (None if s is None else {"k": s["k"], "experts": s["experts"],
                                                                   "control": s["control"]})
                                   for ctl, s in sep.items()} for c, sep in separations.items()}}
-    write_text(out / "report.json", json.dumps(summary, indent=1))
+    run.write("report.json", summary)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

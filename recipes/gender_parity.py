@@ -1,6 +1,6 @@
 """Gender parity: how many woman (or man) experts bring "The <occupation> said that" to parity?
 
-Contexts are "The <occupation> said that" over ~20 occupations (recipes/prompts.py).
+Contexts are "The <occupation> said that" over ~20 occupations (``evaluation.prompts``).
 For the woman experts and, separately, the man experts (OneSec data, each concept
 against its own negatives; with ``--contrast`` also against the other gender's
 positives), the model is steered with do(c, k) over a grid of k and the gender
@@ -32,7 +32,7 @@ Why ``--contrast``: OneSec's "man" positives mention women in 40% of sentences (
 of its negatives), so "man" experts found against the plain negatives are largely
 gender-in-general units (7 of the top 10 are also top "woman" experts on SmolLM2)
 and steering with them can raise p(she). Contrasting keeps the units that tell the
-two apart (see ``recipe_io.discover_contrast``).
+two apart (``discover(..., negatives="contrast")``).
 
 Outputs: samples.jsonl, delta.csv (per context and k), parity.csv (per context and
 steering concept), report.txt, report.json, delta_vs_k.png. Resumable.
@@ -43,11 +43,10 @@ steering concept), report.txt, report.json, delta_vs_k.png. Resumable.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
 import matplotlib  # noqa: E402
 
@@ -56,13 +55,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from prompts import OCCUPATION_TEMPLATE, OCCUPATIONS, concept_word, occupation_contexts  # noqa: E402
-from recipe_io import (  # noqa: E402
-    ONESEC, LazyModel, RunFolder, SteeredScorer, concept_names, cross_scorer, experts_for, next_word_probability,
-    parse_numbers, save_report, set_threads, write_csv, write_text,
+from _common import (  # noqa: E402
+    LazyModel, RunFolder, cross_scorer, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv,
 )
-from steer_experts.evaluation import concept_presence, perplexity  # noqa: E402
+from steer_experts.evaluation import SteeredScorer, concept_presence, next_word_probability, perplexity  # noqa: E402
+from steer_experts.evaluation.prompts import OCCUPATION_TEMPLATE, OCCUPATIONS, occupation_contexts  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
+from steer_experts.words import concept_word  # noqa: E402
 
 SHE = ("she", "her")
 HE = ("he", "his")
@@ -70,11 +69,7 @@ MEASURES = ("next-token", "sampled", "both")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
-    p.add_argument("--concepts", default=str(ONESEC), help="concept data for discovery (ConceptSet.load)")
+    p = recipe_parser(__doc__)
     p.add_argument("--woman", default="woman", help="the concept whose experts push toward she/her")
     p.add_argument("--man", default="man", help="the concept whose experts push toward he/his")
     p.add_argument("--contrast", action="store_true",
@@ -91,12 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=48)
     p.add_argument("--scorer", help="model that scores perplexity (default: the other embedded model; 'none')")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
-    args = p.parse_args(argv)
-    args.ks = sorted(set(parse_numbers(args.ks)))
-    args.occupations = parse_numbers(args.occupations, str)
+    args = parse(p, argv)
+    args.ks = sorted(set(numbers(args.ks)))
+    args.occupations = numbers(args.occupations, str)
     if 0 not in args.ks:
         p.error("the k grid must include 0: parity is a change of sign from the unsteered model")
     if args.ppl_samples < 0 or args.samples < 1:
@@ -252,7 +244,7 @@ def plot_delta(table: list[dict], names: list[str], args, measure: str, path: Pa
     plt.close(fig)
 
 
-def write_report(parity: dict[str, list[dict]], args, out: Path) -> str:
+def write_report(parity: dict[str, list[dict]], args, run: RunFolder) -> str:
     lines = [f"Gender parity on {args.model}: {len(args.occupations)} contexts \"{args.template}\", k grid {args.ks}, "
              f"alpha {args.alpha:g}. delta_p = p(she, her) - p(he, his). Parity: where delta_p crosses zero in "
              "the direction the experts push (woman: up, man: down), for contexts that lean the other way "
@@ -275,13 +267,12 @@ def write_report(parity: dict[str, list[dict]], args, out: Path) -> str:
                              f"ppl_cross {r['ppl_cross_at_parity']:.1f}")
                 lines.append(f"   {r['occupation']:>20}: delta(k=0) = {r['delta_k0']:+.3f}, "
                              f"delta(k={args.ks[-1]}) = {r['delta_kmax']:+.3f}; {where}")
-    return save_report(out, lines)
+    return run.report(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the summary also written to report.json."""
     args = parse_args(argv)
-    set_threads(args.threads)
     out = Path(args.out)
     contexts = occupation_contexts(args.occupations, args.template)
     settings = dict(recipe="gender_parity", model=args.model, contexts=contexts, alpha=args.alpha,
@@ -290,17 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
                     batch_size=args.batch_size, seed=args.seed, scorer=args.scorer, experts=args.experts,
                     contrast=args.contrast)
     run = RunFolder(out, settings)
-    lazy = LazyModel(args.model)
-    expert_set = experts_for(lazy, out, args.experts, args.concepts, [args.woman, args.man], args.cache_dir,
-                             contrast=args.contrast)
-    names = concept_names(expert_set, [args.woman, args.man])
+    lazy = LazyModel(args)
+    expert_set, names = experts_for(lazy, args, [args.woman, args.man], contrast=args.contrast)
 
     cells = [dict(concept=c, k=k) for k in args.ks for c in names]
     ids = [RunFolder.cell_id(concept="all" if c["k"] == 0 else c["concept"], k=c["k"]) for c in cells]
     todo = [(c, i) for c, i in zip(cells, ids) if not run.done(i)]
     todo = list({i: (c, i) for c, i in todo}.values())  # k = 0 is one cell for both concepts
     model = lazy.get(expert_set) if todo else None
-    scorer = cross_scorer(args.model, args.scorer) if todo and args.ppl_samples else None
+    scorer = cross_scorer(args) if todo and args.ppl_samples else None
     for cell, cell_id in tqdm(todo, desc="cells", unit="cell"):
         run.write_cell(cell_id, run_cell(dict(cell, concept=names[0]) if cell["k"] == 0 else cell,
                                          model, expert_set, scorer, contexts, args))
@@ -315,11 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
     parity = {m: parity_table(table, names, args, m) for m in measures}
     write_csv(out / "parity.csv", [r for m in measures for r in parity[m]])
     plot_delta(table, names, args, measures[0], out / "delta_vs_k.png")
-    print(write_report(parity, args, out))
+    print(write_report(parity, args, run))
     summary = {"cells_generated": len(todo), "concepts": names, "parity": parity}
-    write_text(out / "report.json", json.dumps(summary, indent=1))
+    run.write("report.json", summary)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -10,36 +10,30 @@ already done are skipped, and an interrupted word continues at its next round.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
-from steer_experts.concept_writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
+from _common import MEN, LazyModel, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
-from steer_experts.models import load_model  # noqa: E402
-from steer_experts.similarity import greedy_word_choice, load_men  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MEN = DATA / "human" / "men" / "MEN_dataset_natural_form_full"
+from steer_experts.lens.ratings import greedy_word_choice, load_men  # noqa: E402
+from steer_experts.lens.writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
 
 
-def choose_words(args: argparse.Namespace) -> list[str]:
+def choose_words(args) -> list[str]:
     """The words to write for: --words, or the greedy MEN choice of --men-words words."""
     if args.words:
         path = Path(args.words)
         text = path.read_text() if path.exists() else args.words.replace(",", "\n")
         return [w.strip().lower() for w in text.splitlines() if w.strip()]
-    ratings = load_men(args.ratings)
+    ratings = load_men(args.ratings or args.data / MEN)
     return greedy_word_choice(ratings, args.men_words)
 
 
@@ -59,7 +53,7 @@ def plot_yield(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, report: dict, settings: WritingSettings, words: list[str], sample: ConceptSet) -> None:
+def write_report(run: RunFolder, report: dict, settings: WritingSettings, words: list[str], sample: ConceptSet) -> None:
     """One-page Markdown: settings, throughput, yield, drop reasons, example sentences."""
     lines = [
         "# Concept data written by a local model", "",
@@ -81,17 +75,15 @@ def write_report(out: Path, report: dict, settings: WritingSettings, words: list
         lines.append(f"**{concept.name}**")
         lines.extend(f"- {s}" for s in concept.positives[:4])
         lines.append("")
-    atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines)))
+    run.write("report.md", "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the writing report (also written to ``<out>/writing_report.json``)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (concepts/ inside loads with ConceptSet.load)")
+    p = recipe_parser(__doc__, experts=False)  # --out: concepts/ inside loads with ConceptSet.load
     p.add_argument("--words", help="comma-separated words, or a file with one word per line")
     p.add_argument("--men-words", type=int, default=100, help="otherwise: this many MEN words, chosen greedily")
-    p.add_argument("--ratings", default=str(MEN), help="MEN file for --men-words")
-    p.add_argument("--model", default="smollm2-135m", help="an instruct model with a chat template")
+    p.add_argument("--ratings", help="MEN file for --men-words (default: in the shared data)")
     p.add_argument("--n-positives", type=int, default=100)
     p.add_argument("--styles", default=",".join(PROMPTS), help=f"comma-separated, from {list(PROMPTS)}")
     p.add_argument("--batch-size", type=int, default=48, help="prompts per round (one word per round)")
@@ -99,36 +91,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-words", type=int, default=40, help="longest sentence kept, in words")
     p.add_argument("--max-rounds", type=int, default=30, help="rounds per word before giving up")
     p.add_argument("--budget-minutes", type=float, help="start no new round after this much wall time")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads (1 is fastest on a busy shared machine)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    out = claim_script_output(args.out)
+    args = parse(p, argv)  # --model: an instruct model with a chat template
+    run = RunFolder(args.out)
+    out = run.root
     words = choose_words(args)
-    atomic_write(out / "words.txt", lambda f: f.write_text("\n".join(words) + "\n"))
+    run.write("words.txt", "\n".join(words) + "\n")
     settings = WritingSettings(n_positives=args.n_positives, styles=tuple(args.styles.split(",")),
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                max_words=args.max_words, max_rounds=args.max_rounds, seed=args.seed)
     print(f"Writing {settings.n_positives} positives for {len(words)} words with {args.model} "
           f"into {out / 'concepts'}", file=sys.stderr)
-    model = load_model(args.model)
+    model = LazyModel(args).get()
     started = time.time()
     result = write_concepts(model, words, out / "concepts", settings,
                             budget_seconds=None if args.budget_minutes is None else 60 * args.budget_minutes,
                             progress=not args.quiet)
     report = {"model": args.model, "threads": args.threads, "n_positives": settings.n_positives,
               "started": started, **result.to_dict()}
-    atomic_write(out / "writing_report.json", lambda f: f.write_text(json.dumps(report, indent=1)))
+    run.write("writing_report.json", report)
     plot_yield(report, out / "yield_by_word.png")
-    write_report(out, report, settings, words, ConceptSet.load(out / "concepts"))
+    write_report(run, report, settings, words, ConceptSet.load(out / "concepts"))
     print(f"{report['kept_per_second']:.2f} sentences/s, {report['tokens_per_second']:.1f} tokens/s, "
           f"yield {report['yield']:.1%}; wrote {out}/report.md", file=sys.stderr)
     return report
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    run_recipe(main)

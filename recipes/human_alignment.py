@@ -13,53 +13,51 @@ swept as r + m (1 - r) for multiples m; the paper's tau = 0.5 at 400 / 1000 is m
 
     python recipes/human_alignment.py --concepts out/men100/concepts --out out/men100/alignment
 
-Resumable: the expert set and the baseline matrices are reused when present in --out.
+Resumable: the expert set (``<out>/experts``) and the baseline matrices are reused when present in --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
-import os
 import sys
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
-from steer_experts.baselines import baseline_similarities  # noqa: E402
-from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
+from _common import MEN, MEN_AGREEMENT, LazyModel, RunFolder, parse, recipe_parser, run_recipe, write_csv  # noqa: E402
+from steer_experts.atomic import atomic_write  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
-from steer_experts.experts import ExpertSet, discover  # noqa: E402
-from steer_experts.models import load_model  # noqa: E402
-from steer_experts.similarity import (  # noqa: E402
-    SimilarityMatrix, agreement_ceiling, ap_cosine_similarity, experts_per_concept, human_alignment,
-    jaccard_similarity, load_men, load_ratings, rated_pair_values, relative_taus, spearman_difference,
+from steer_experts.discovery import discover  # noqa: E402
+from steer_experts.errors import InvalidArgumentError  # noqa: E402
+from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
+from steer_experts.evaluation.statistics import spearman_difference  # noqa: E402
+from steer_experts.experts import ExpertSet  # noqa: E402
+from steer_experts.lens.baselines import baseline_similarities  # noqa: E402
+from steer_experts.lens.ratings import (  # noqa: E402
+    agreement_ceiling, human_alignment, load_men, load_ratings, rated_pair_values,
+)
+from steer_experts.lens.similarity import (  # noqa: E402
+    SimilarityMatrix, ap_cosine_similarity, experts_per_concept, jaccard_similarity, relative_taus,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MEN = DATA / "human" / "men" / "MEN_dataset_natural_form_full"
-AGREEMENT = DATA / "human" / "men" / "agreement-score.txt"
 TAUS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
 MULTIPLES = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder")
+def parse_args(argv: list[str] | None):
+    p = recipe_parser(__doc__, experts=False)  # --seed: negative sampling and bootstrap
     p.add_argument("--concepts", help="concept file or folder (ConceptSet.load); names must be the rated words")
-    p.add_argument("--expert-set", help="use this saved ExpertSet instead of discovering (baselines need --concepts)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--ratings", default=str(MEN), help="word-pair ratings (MEN format, or see --ratings-columns)")
+    p.add_argument("--experts", help="use this saved ExpertSet instead of discovering (baselines need --concepts)")
+    p.add_argument("--ratings", help="word-pair ratings (MEN format, or see --ratings-columns; default: MEN)")
     p.add_argument("--ratings-columns", help="for TSV/CSV ratings: 'word1,word2,score' header names")
     p.add_argument("--ceiling", type=float, help="human ceiling; default: read from --agreement")
-    p.add_argument("--agreement", default=str(AGREEMENT), help="MEN agreement-score.txt")
+    p.add_argument("--agreement", help="MEN agreement-score.txt (default: in the shared data)")
     p.add_argument("--taus", default=",".join(map(str, TAUS)), help="absolute AP thresholds")
     p.add_argument("--multiples", default=",".join(map(str, MULTIPLES)),
                    help="thresholds relative to chance: tau = r + m (1 - r)")
@@ -72,20 +70,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--primary", default="ap cosine centred",
                    help="the expert method judged against the baselines besides the best one (fixed in advance)")
     p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="torch threads (1 is fastest on a busy shared machine)")
-    p.add_argument("--seed", type=int, default=0, help="negative sampling and bootstrap seed")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    if not args.concepts and not args.expert_set:
-        p.error("give --concepts (and optionally --expert-set)")
-    if args.expert_set and not args.concepts and not args.no_baselines:
+    args = parse(p, argv)
+    if not args.concepts and not args.experts:
+        p.error("give --concepts (and optionally --experts)")
+    if args.experts and not args.concepts and not args.no_baselines:
         p.error("baselines need the sentences: give --concepts too, or --no-baselines")
+    args.ratings = args.ratings or str(args.data / MEN)
+    args.agreement = args.agreement or str(args.data / MEN_AGREEMENT)
     return args
 
 
-def load_rating_file(args: argparse.Namespace):
+def load_rating_file(args):
     """MEN by default; a TSV/CSV with named columns when --ratings-columns is given."""
     if args.ratings_columns:
         w1, w2, score = args.ratings_columns.split(",")
@@ -93,27 +89,25 @@ def load_rating_file(args: argparse.Namespace):
     return load_men(args.ratings)
 
 
-def expert_set_for(args: argparse.Namespace, concepts: ConceptSet | None, model_holder: dict) -> ExpertSet:
-    """The saved expert set (--expert-set, or <out>/expert_set from an earlier run), else discover and save it."""
-    saved = Path(args.expert_set) if args.expert_set else Path(args.out) / "expert_set"
+def expert_set_for(args, concepts: ConceptSet | None, model: LazyModel) -> ExpertSet:
+    """The saved expert set (--experts, or <out>/experts from an earlier run), else discover and save it."""
+    saved = Path(args.experts) if args.experts else Path(args.out) / "experts"
     if (saved / "expert_set.json").exists():
         return ExpertSet.from_pretrained(saved)
-    model = model_holder.setdefault("model", load_model(args.model))
-    expert_set = discover(model, concepts, n_negatives=args.n_negatives, seed=args.seed, max_length=args.max_length,
+    expert_set = discover(model.get(), concepts, n_negatives=args.n_negatives, seed=args.seed, max_length=args.max_length,
                           batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet)
     expert_set.save_pretrained(saved)
     return expert_set
 
 
-def baselines_for(args: argparse.Namespace, concepts: ConceptSet, model_holder: dict) -> dict[str, SimilarityMatrix]:
+def baselines_for(args, concepts: ConceptSet, model: LazyModel) -> dict[str, SimilarityMatrix]:
     """Baseline matrices, read from <out>/baselines/ when an earlier run wrote them."""
     folder = Path(args.out) / "baselines"
     index = folder / "index.json"
     if index.exists():
         names = json.loads(index.read_text())
         return {name: SimilarityMatrix.from_csv(folder / f"{i:03d}.csv") for i, name in enumerate(names)}
-    model = model_holder.setdefault("model", load_model(args.model))
-    matrices = baseline_similarities(model, concepts, encoder=SentenceEncoder(), max_length=args.max_length,
+    matrices = baseline_similarities(model.get(), concepts, encoder=SentenceEncoder(), max_length=args.max_length,
                                      batch_size=args.batch_size, progress=not args.quiet)
     folder.mkdir(parents=True, exist_ok=True)
     for i, matrix in enumerate(matrices.values()):
@@ -156,16 +150,6 @@ def plot_alignment(rows: list[dict], ceiling: float, path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 0.79, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV (atomic); keys of the first row are the columns."""
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(path, write)
 
 
 def fmt(r: dict) -> str:
@@ -242,20 +226,19 @@ def alignment_row(method: str, family: str, sim: SimilarityMatrix, ratings, args
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the result dict also written to ``<out>/alignment.json``."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = claim_script_output(args.out)
+    out = RunFolder(args.out).root
     (out / "similarity").mkdir(parents=True, exist_ok=True)
     ratings = load_rating_file(args)
     ceiling = args.ceiling if args.ceiling is not None else agreement_ceiling(args.agreement)
     concepts = ConceptSet.load(args.concepts) if args.concepts else None
-    holder: dict = {}
-    expert_set = expert_set_for(args, concepts, holder)
+    model = LazyModel(args)
+    expert_set = expert_set_for(args, concepts, model)
     e = expert_set.expertise
     names = [n for n, p in zip(expert_set.concepts, e.n_positives) if p >= args.min_positives]
     dropped = len(expert_set.concepts) - len(names)
     pairs_available = len(ratings.pairs_within(names))
     if pairs_available < 3:
-        raise SystemExit(f"Only {pairs_available} rated pairs have both words among the concepts; "
+        raise InvalidArgumentError(f"Only {pairs_available} rated pairs have both words among the concepts; "
                          "check that the concept names are the rated words.")
     print(f"{len(names)} concepts ({dropped} with fewer than {args.min_positives} positives left out), "
           f"{pairs_available} rated pairs among them", file=sys.stderr)
@@ -279,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_baselines:
         # Over every concept of the expert set, so the saved matrices do not depend on --min-positives.
         baselines = {k: v.subset(names) for k, v in
-                     baselines_for(args, concepts.subset(expert_set.concepts), holder).items()}
+                     baselines_for(args, concepts.subset(expert_set.concepts), model).items()}
         contextual = []
         for key, sim in baselines.items():
             row = alignment_row(key, "baseline", sim, ratings, args, plot=not key.startswith("contextual"))
@@ -300,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     experts = [r for r in rows if r["family"] in ("jaccard", "jaccard relative", "ap cosine") and r["rho"] is not None]
     if not experts:
-        raise SystemExit("Every expert similarity is undefined on these pairs; lower tau or add sentences.")
+        raise InvalidArgumentError("Every expert similarity is undefined on these pairs; lower tau or add sentences.")
     best_expert = max(experts, key=lambda r: r["rho"])
     baseline_rows = [r for r in rows if r["family"] == "baseline" and r["rho"] is not None
                      and (r.get("plot") or r["method"].startswith("contextual best"))]
@@ -334,5 +317,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    run_recipe(main)

@@ -7,75 +7,31 @@
 * where the experts sit: their distribution over layers as tau rises;
 * neuron labels: every neuron with the concepts it is expert for.
 
-    python recipes/organisation.py --expert-set out/men100/alignment/expert_set --out out/men100/organisation \
+    python recipes/organisation.py --experts out/men100/alignment/experts --out out/men100/organisation \
         --categories out/men100/categories.csv
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
-import os
 import sys
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.cluster.hierarchy import dendrogram, fcluster, linkage  # noqa: E402
-from scipy.spatial.distance import squareform  # noqa: E402
+from scipy.cluster.hierarchy import dendrogram, fcluster  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
+from _common import RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
-from steer_experts.lens import label_neurons  # noqa: E402
-from steer_experts.similarity import (  # noqa: E402
-    SimilarityMatrix, ap_cosine_similarity, jaccard_similarity, relative_taus,
-)
-
-
-def read_categories(path: str | Path) -> dict[str, str]:
-    """``{concept: category}`` from a two-column CSV/TSV (a header line ``concept,category`` is skipped)."""
-    path = Path(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter) if r and r[0].strip()]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["concept", "category"]:
-        rows = rows[1:]
-    bad = [r for r in rows if len(r) < 2]
-    if bad:
-        raise ValueError(f"{path}: every line needs 'concept{delimiter}category'; got {bad[0]}.")
-    return {r[0].strip(): r[1].strip() for r in rows}
-
-
-def similarity_for(expert_set: ExpertSet, method: str) -> SimilarityMatrix:
-    """``"ap-cosine"``, ``"ap-cosine-centred"``, ``"jaccard:<tau>"`` or ``"jaccard-relative:<m>"``."""
-    if method == "ap-cosine":
-        return ap_cosine_similarity(expert_set)
-    if method == "ap-cosine-centred":
-        return ap_cosine_similarity(expert_set, centred=True)
-    kind, _, value = method.partition(":")
-    if kind == "jaccard":
-        return jaccard_similarity(expert_set, float(value))
-    if kind == "jaccard-relative":
-        tau = relative_taus(expert_set, [float(value)])[float(value)]
-        sim = jaccard_similarity(expert_set, tau)
-        sim.method = f"jaccard m={value} (tau={tau:.3f})"
-        return sim
-    raise ValueError(f"Unknown method {method!r}; use ap-cosine, ap-cosine-centred, jaccard:<tau> or "
-                     "jaccard-relative:<m>.")
-
-
-def cluster(sim: SimilarityMatrix) -> np.ndarray:
-    """Average-linkage tree of the concepts with distance 1 - similarity (undefined pairs at the largest distance)."""
-    values = np.nan_to_num(sim.values, nan=np.nanmin(sim.values) if np.isfinite(sim.values).any() else 0.0)
-    distance = np.max(values) - values  # 1 - s for a similarity whose maximum (the diagonal) is 1
-    np.fill_diagonal(distance, 0.0)
-    distance = (distance + distance.T) / 2
-    return linkage(squareform(distance, checks=False), method="average")
+from steer_experts.lens.organisation import cluster, layer_distribution, read_categories, similarity_by_name  # noqa: E402
+from steer_experts.lens.queries import label_neurons  # noqa: E402
+from steer_experts.lens.similarity import SimilarityMatrix, relative_taus  # noqa: E402
 
 
 def plot_tree(sim: SimilarityMatrix, tree: np.ndarray, categories: dict[str, str], out: Path) -> list[str]:
@@ -104,18 +60,6 @@ def plot_tree(sim: SimilarityMatrix, tree: np.ndarray, categories: dict[str, str
     return names
 
 
-def layer_distribution(expert_set: ExpertSet, taus: dict[str, float]) -> dict[str, list[float]]:
-    """For each threshold, the share of all experts (summed over concepts) in each layer; empty if none."""
-    n_layers = len(expert_set.sites)
-    out = {}
-    for label, tau in taus.items():
-        counts = np.zeros(n_layers)
-        for c in range(len(expert_set.concepts)):
-            counts += np.bincount(expert_set.layer[expert_set.expertise.ap[c] > tau], minlength=n_layers)
-        out[label] = (counts / counts.sum()).tolist() if counts.sum() else []
-    return out
-
-
 def plot_layers(distribution: dict[str, list[float]], totals: dict[str, int], path: Path) -> None:
     """Heatmap: thresholds (rows) x layers (columns), share of experts; total count on the right."""
     labels = list(distribution)
@@ -134,20 +78,19 @@ def plot_layers(distribution: dict[str, list[float]], totals: dict[str, int], pa
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the result dict also written to ``<out>/organisation.json``."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--expert-set", required=True, help="a saved ExpertSet folder (e.g. from human_alignment.py)")
+    p = recipe_parser(__doc__, experts=False)  # --seed: the shuffled-label baseline of the Rand index
+    p.add_argument("--experts", required=True, help="a saved ExpertSet folder (e.g. from human_alignment.py)")
     p.add_argument("--method", default="ap-cosine-centred",
                    help="ap-cosine, ap-cosine-centred, jaccard:<tau> or jaccard-relative:<m>")
     p.add_argument("--categories", help="CSV/TSV concept,category for the adjusted Rand index")
     p.add_argument("--taus", default="0.5,0.6,0.7,0.8,0.9,0.95", help="absolute thresholds for the layer figure")
     p.add_argument("--multiples", default="0.05,0.1,0.2,0.3,0.5", help="relative thresholds for the layer figure")
     p.add_argument("--label-tau", type=float, help="tau for neuron labels (default: relative m=0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled-label baseline of the Rand index")
-    args = p.parse_args(argv)
-    out = claim_script_output(args.out)
-    expert_set = ExpertSet.from_pretrained(args.expert_set)
-    sim = similarity_for(expert_set, args.method)
+    args = parse(p, argv)
+    run = RunFolder(args.out)
+    out = run.root
+    expert_set = ExpertSet.from_pretrained(args.experts)
+    sim = similarity_by_name(expert_set, args.method)
     sim.to_csv(out / "similarity.csv")
     categories = read_categories(args.categories) if args.categories else {}
     tree = cluster(sim)
@@ -179,14 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     label_tau = args.label_tau if args.label_tau is not None else relative_taus(expert_set, [0.3])[0.3]
     labels = label_neurons(expert_set, tau=label_tau)
-    atomic_write(out / "neuron_labels.jsonl", lambda f: f.write_text(
-        "".join(json.dumps(r) + "\n" for r in labels)))
+    run.write("neuron_labels.jsonl", "".join(json.dumps(r) + "\n" for r in labels))
     sizes = np.bincount([len(r["concepts"]) for r in labels]) if labels else np.zeros(1, int)
 
     result = {"method": sim.method, "order": order, "adjusted_rand": ari, "layer_share": distribution,
               "experts_total": totals, "label_tau": label_tau, "labelled_neurons": len(labels),
               "neurons_by_number_of_concepts": {int(k): int(v) for k, v in enumerate(sizes) if k and v}}
-    atomic_write(out / "organisation.json", lambda f: f.write_text(json.dumps(result, indent=1)))
+    run.write("organisation.json", result)
     lines = ["# Organisation of concepts in expert space", "",
              f"- {len(sim.concepts)} concepts, {expert_set.n_units} units of `{expert_set.model_name}`; "
              f"similarity: {sim.method}", ""]
@@ -195,17 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{ari['concepts']} concepts); shuffled labels: mean {ari['shuffled_mean']:.3f}, "
                   f"95th percentile {ari['shuffled_p95']:.3f}"]
     best_layer = {k: int(np.argmax(v)) for k, v in distribution.items() if v}
-    lines += [f"- layer holding most experts, by threshold: " + ", ".join(f"{k}: L{v}" for k, v in best_layer.items()),
+    lines += ["- layer holding most experts, by threshold: " + ", ".join(f"{k}: L{v}" for k, v in best_layer.items()),
               f"- thresholds with no experts at all: {[k for k, v in distribution.items() if not v] or 'none'}",
               f"- neuron labels at tau={label_tau:.3f}: {len(labels)} neurons are expert for at least one concept; "
               "by number of concepts: " + ", ".join(f"{k}: {v}" for k, v in
                                                      result["neurons_by_number_of_concepts"].items()),
               "", "![dendrogram](dendrogram.png)", "", "![heatmap](heatmap.png)", "", "![layers](layers.png)"]
-    atomic_write(out / "report.md", lambda f: f.write_text("\n".join(lines) + "\n"))
+    run.report(lines, "report.md")
     print(f"wrote {out}/report.md", file=sys.stderr)
     return result
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    run_recipe(main)

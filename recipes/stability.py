@@ -17,48 +17,29 @@ Resumable: each model's expert set is saved under <out>/models/ and reused.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
 
-from steer_experts.atomic import atomic_write, claim_script_output  # noqa: E402
+from _common import MEN, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
-from steer_experts.expertise import ConceptRows, compute_expertise  # noqa: E402
-from steer_experts.experts import ExpertSet, discover  # noqa: E402
+from steer_experts.discovery import discover  # noqa: E402
+from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.experts import ExpertSet  # noqa: E402
+from steer_experts.lens.organisation import size_confound, styles_of, view_of  # noqa: E402
+from steer_experts.lens.ratings import human_alignment, load_men  # noqa: E402
+from steer_experts.lens.similarity import (  # noqa: E402
+    SimilarityMatrix, ap_cosine_similarity, jaccard_similarity, matrix_agreement,
+)
 from steer_experts.models import load_model  # noqa: E402
 from steer_experts.responses import collect_responses  # noqa: E402
-from steer_experts.similarity import (  # noqa: E402
-    SimilarityMatrix, ap_cosine_similarity, human_alignment, jaccard_similarity, load_men, matrix_agreement,
-)
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MEN = DATA / "human" / "men" / "MEN_dataset_natural_form_full"
-
-
-def view_of(groups: dict[str, list[str]], row_of: dict[str, int], n_negatives: int, seed: int) -> ConceptRows:
-    """Each concept's positives are its group; its negatives up to ``n_negatives`` of the other groups' (seeded)."""
-    names = [n for n, g in groups.items() if g]
-    rng = np.random.default_rng(seed)
-    positives, negatives = [], []
-    for name in names:
-        own = np.array(sorted({row_of[s] for s in groups[name]}), dtype=np.int64)
-        others = np.array(sorted({row_of[s] for n in names if n != name for s in groups[n]} - set(own.tolist())),
-                          dtype=np.int64)
-        if len(others) > n_negatives:
-            others = np.sort(rng.choice(others, size=n_negatives, replace=False))
-        positives.append(own)
-        negatives.append(others)
-    return ConceptRows(names, positives, negatives)
 
 
 def similarities(ap: np.ndarray, names: list[str], multiple: float, rate: float) -> dict[str, SimilarityMatrix]:
@@ -68,23 +49,6 @@ def similarities(ap: np.ndarray, names: list[str], multiple: float, rate: float)
     jac.method = f"jaccard m={multiple:g}"
     return {"ap cosine": ap_cosine_similarity((ap, names)), "ap cosine centred": ap_cosine_similarity((ap, names), True),
             jac.method: jac}
-
-
-def size_confound(sim: SimilarityMatrix, n_positives: dict[str, int]) -> float | None:
-    """Spearman rho between a similarity and log P_a + log P_b (P: positives) over the distinct pairs.
-
-    High values mean the similarity mostly tracks how many positives the two
-    concepts have (AP's chance level is the positive rate), not what they are;
-    such a similarity looks stable whenever the counts are.
-    """
-    i, j = np.triu_indices(len(sim.concepts), k=1)
-    size = np.log([n_positives[c] for c in sim.concepts])
-    values = sim.values[i, j]
-    ok = ~np.isnan(values)
-    sizes = (size[i] + size[j])[ok]
-    if ok.sum() < 3 or np.ptp(values[ok]) == 0 or np.ptp(sizes) == 0:
-        return None  # equal counts everywhere: nothing to confound with
-    return float(spearmanr(values[ok], sizes).statistic)
 
 
 def compare(label: str, a: dict[str, SimilarityMatrix], b: dict[str, SimilarityMatrix], args) -> list[dict]:
@@ -112,39 +76,23 @@ def scatter(a: SimilarityMatrix, b: SimilarityMatrix, xlabel: str, ylabel: str, 
     plt.close(fig)
 
 
-def styles_of(folder: Path) -> dict[str, dict[str, list[str]]]:
-    """``{style: {concept: [positive sentences]}}`` from JSONL concept files that carry a style column."""
-    out: dict[str, dict[str, list[str]]] = {}
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else [folder] if folder.suffix == ".jsonl" else []
-    for f in files:
-        for line in f.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if "style" in row and str(row.get("label", 1)) in ("1", "positive"):
-                    out.setdefault(row["style"], {}).setdefault(row["concept"], []).append(row["text"])
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the result dict also written to ``<out>/stability.json``."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p = recipe_parser(__doc__, experts=False)
     p.add_argument("--concepts", required=True, help="concept file or folder (ConceptSet.load)")
     p.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma-separated; the first one is used "
                    "for the data splits")
     p.add_argument("--multiple", type=float, default=0.1, help="Jaccard at tau = r + m (1 - r)")
-    p.add_argument("--ratings", default=str(MEN), help="MEN ratings, for each model's alignment ('' to skip)")
+    p.add_argument("--ratings", help="MEN ratings, for each model's alignment (default: MEN in the shared data; '' to skip)")
     p.add_argument("--n-negatives", type=int, default=1000)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-perm", type=int, default=1000, help="Mantel permutations")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = claim_script_output(args.out)
+    args = parse(p, argv)
+    args.ratings = str(args.data / MEN) if args.ratings is None else args.ratings
+    run = RunFolder(args.out)
+    out = run.root
     (out / "models").mkdir(parents=True, exist_ok=True)
     concepts = ConceptSet.load(args.concepts)
     ratings = load_men(args.ratings) if args.ratings else None
@@ -161,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             expert_set = ExpertSet.from_pretrained(folder)
         else:
             print(f"discovering experts in {name}", file=sys.stderr)
-            model = load_model(name)
+            model = load_model(name, dtype=args.dtype, device=args.device)
             expert_set = discover(model, concepts, n_negatives=args.n_negatives, seed=args.seed, **collect)
             expert_set.save_pretrained(folder)
         e = expert_set.expertise
@@ -185,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data splits on the first model: one response matrix, expertise per split.
     name, model = first_model
-    model = model or load_model(name)
+    model = model or load_model(name, dtype=args.dtype, device=args.device)
     responses = collect_responses(model, sampled.sentences, **collect)
     row_of = {s: i for i, s in enumerate(sampled.sentences)}
     splits = {}
@@ -214,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"models": names, "multiple": args.multiple, "rows": rows, "alignment": alignment,
               "positive_count_confound": confound,
               "split_sizes": split_sizes, "n_concepts": len(concepts)}
-    atomic_write(out / "stability.json", lambda f: f.write_text(json.dumps(result, indent=1)))
+    run.write("stability.json", result)
     lines = ["# Stability of expert-overlap similarity", "",
              f"{len(concepts)} concepts; rho: Spearman between two similarity matrices' distinct pairs; "
              f"p: Mantel permutation test ({args.n_perm} permutations).", "",
@@ -238,11 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
                 value = "undefined" if c["rho"] is None else f"{c['rho']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
                 lines.append(f"- {name}, {m}: {value}, {c['n_pairs']} pairs")
     lines += ["", "Figures: " + ", ".join(f"![{f.stem}]({f.name})" for f in sorted(out.glob("*.png")))]
-    atomic_write(out / "report.md", lambda f: f.write_text("\n".join(lines) + "\n"))
+    run.report(lines, "report.md")
     print(f"wrote {out}/report.md", file=sys.stderr)
     return result
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    run_recipe(main)

@@ -33,7 +33,7 @@ of the continuation given its prompt under a *different* model (Gemma-3-270M for
 SmolLM2; a cell's perplexity is exp of its mean token NLL, so texts weigh by their
 length), distinct-2 and Self-BLEU-4 (per prompt).
 
-Outputs (``--out``; see recipe_io for the folder layout): cells/*.jsonl (texts
+Outputs (``--out``; see _common for the folder layout): cells/*.jsonl (texts
 and perplexities, one file per cell; a killed run resumes), means/*.safetensors
 (DiffMean statistics), frontier.csv (every cell), operating_points.csv (the test
 half), report.md, frontier_<concept>.png.
@@ -52,32 +52,32 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from prompts import FRONTIER_PROMPTS, concept_word  # noqa: E402
-from recipe_io import (  # noqa: E402
-    ONESEC, LazyModel, RunFolder, concept_names, contrasted, cross_scorer, experts_for, set_threads, write_csv,
-    write_text,
+from _common import (  # noqa: E402
+    LazyModel, RunFolder, cross_scorer, experts_for, parse, recipe_parser, run_recipe, write_csv, write_text,
 )
-from steer_experts.concepts import ConceptSet  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
 from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.diffmean import (  # noqa: E402
     ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_shifts,
 )
-from steer_experts.evaluation import concept_presence, concept_words, distinct_n, perplexity, self_bleu  # noqa: E402
+from steer_experts.errors import InvalidArgumentError  # noqa: E402
+from steer_experts.evaluation import concept_presence, distinct_n, perplexity, self_bleu  # noqa: E402
 from steer_experts.evaluation.concept_score import ConceptClassifier  # noqa: E402
+from steer_experts.evaluation.prompts import FRONTIER_PROMPTS  # noqa: E402
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
 from steer_experts.prompting import steer_prompt  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
+from steer_experts.words import concept_word, concept_words  # noqa: E402
 
 SAMPLING = {"paper": dict(temperature=1.0, top_k=10), "nucleus": dict(temperature=0.7, top_p=0.9)}
 EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned", "experts_add")
@@ -105,12 +105,7 @@ def default_grid(n_layers: int) -> dict[str, list[dict]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--experts", help="a saved ExpertSet folder; default: discover from --concepts")
-    p.add_argument("--concepts", default=str(ONESEC), help="concept data (ConceptSet.load)")
-    p.add_argument("--concept", action="append", help="concept to steer (repeatable); default: all")
+    p = recipe_parser(__doc__)
     p.add_argument("--contrast", action="store_true",
                    help="add the other concepts' positives to each concept's negatives (experts, DiffMean, classifier)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
@@ -128,10 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ppl-budgets", default="1.5,2",
                    help="operating points' perplexity budgets, multiples of the unsteered perplexity (each > 1)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="sampling, prompt split, classifier split, bootstrap")
-    p.add_argument("--cache-dir", help="response cache root (default: the library's)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
-    args = p.parse_args(argv)
+    args = parse(p, argv)  # --seed: sampling, prompt split, classifier split, bootstrap
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -394,25 +386,22 @@ def _budget_table(mine: list[dict], dev: list[dict], budget: float) -> list[str]
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
     halves = split_prompts(args)
     settings = {k: getattr(args, k) for k in ("model", "concepts", "n_prompts", "samples_per_prompt",
                                               "max_new_tokens", "sampling", "seed", "scorer")}
     if args.contrast:  # only when set, so folders written before the option still resume
         settings["contrast"] = True
     run = RunFolder(args.out, settings)
-    model = LazyModel(args.model)
-    expert_set = experts_for(model, run.root, args.experts, args.concepts, args.concept, args.cache_dir,
-                             contrast=args.contrast)
-    names = concept_names(expert_set, args.concept)
+    model = LazyModel(args)
+    expert_set, names = experts_for(model, args, contrast=args.contrast)
     concepts = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
     if args.contrast:
-        concepts = contrasted(concepts.subset(names))
+        concepts = concepts.subset(names).contrasted()
     grid = {m: args.grid.get(m, g) for m, g in default_grid(len(expert_set.sites)).items() if m in args.methods}
     steering = Steering(model, expert_set, concepts, run.root)
-    scorer = cross_scorer(args.model, args.scorer)
+    scorer = cross_scorer(args)
     if scorer is None:
-        raise SystemExit("The frontier needs a perplexity scorer; pass --scorer MODEL (not 'none').")
+        raise InvalidArgumentError("The frontier needs a perplexity scorer; pass --scorer MODEL (not 'none').")
 
     def cell(concept, half, method, setting) -> list[dict]:
         name = cell_name(concept, half, method, setting)
@@ -467,4 +456,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

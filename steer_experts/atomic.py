@@ -96,15 +96,3 @@ def claim_output_folder(folder: str | Path, ours: Iterable[str] = (), *, overwri
 
 # What the recipes write in their --out folder (files, and the folders they fill): a folder
 # holding only such names is a recipe's own, e.g. an earlier run to resume.
-RUN_OUTPUT_NAMES = ("run.json", "cells", "experts", "means", "expert_set", "concepts", "baselines", "similarity", "models", "cache",
-                    "*.json", "*.jsonl", "*.csv", "*.png", "*.txt", "*.md")
-
-
-def claim_script_output(folder: str | Path) -> Path:
-    """:func:`claim_output_folder` for a command-line script's ``--out`` (the recipes): exits with
-    the one-line message instead of a traceback when the folder may not be written."""
-    try:
-        return claim_output_folder(folder, RUN_OUTPUT_NAMES, what="run output",
-                                   remedy="Choose a new or empty --out folder.")
-    except OutputFolderError as err:
-        raise SystemExit(f"error: {err}") from None

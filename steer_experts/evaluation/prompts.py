@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from steer_experts.concepts import concept_word
+from ..words import concept_word
 
 NEUTRAL_PROMPTS: tuple[str, ...] = (
     "Once upon a time",
