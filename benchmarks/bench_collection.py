@@ -37,7 +37,7 @@ def _phase(which: str, n: int, batch_size: int) -> dict:
 
     from steer_experts.models import load_model
     from steer_experts.responses import _plan, collect_responses
-    from steer_experts.models import decoder_stack
+    from steer_experts.units import decoder_stack
 
     torch.manual_seed(0)
     model = load_model("smollm2-135m")

@@ -50,8 +50,9 @@ def _concepts(args):
 def _phase(which: str, args) -> dict:
     import torch
 
-    from steer_experts.experts import discover
-    from steer_experts.models import decoder_stack, load_model
+    from steer_experts.discovery import discover
+    from steer_experts.models import load_model
+    from steer_experts.units import decoder_stack
     from steer_experts.responses import _plan
 
     model = load_model("smollm2-135m")

@@ -28,7 +28,8 @@ import time
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from steer_experts.expertise import ConceptRows, compute_expertise
+from steer_experts.concepts import ConceptRows
+from steer_experts.expertise import compute_expertise
 
 
 class HalfPrecisionResponses:
@@ -68,7 +69,7 @@ def concept_sets(n_sentences: int, n_concepts: int, n_listed: int, rng: np.rando
     }
 
 
-def sklearn_reference(responses, concepts: Concepts, units: np.ndarray) -> dict:
+def sklearn_reference(responses, concepts: ConceptRows, units: np.ndarray) -> dict:
     """Per-unit, per-concept sklearn AP and AUROC on ``units``, with their seconds spent."""
     block = np.stack([responses.columns(int(u), int(u) + 1)[:, 0] for u in units], axis=1)
     n_concepts = len(concepts.names)

@@ -28,7 +28,8 @@ import torch
 from steer_experts.diffmean import DiffMeanSteeredModel
 from steer_experts.experts import ExpertSet
 from steer_experts.expertise import Expertise
-from steer_experts.models import load_model, locate_units
+from steer_experts.models import load_model
+from steer_experts.units import locate_units
 from steer_experts.steering import steer
 
 PROMPTS = ["The weather today is", "My favourite hobby is", "In the beginning", "She opened the door and",

@@ -15,13 +15,14 @@ from transformers import (  # noqa: E402
     AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# The shared data: $STEER_EXPERTS_DATA, else ../shared/data beside the checkout (as the recipes find it).
+SHARED_DATA = Path(os.environ.get("STEER_EXPERTS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 ONESEC = SHARED_DATA / "concepts" / "onesec"
 MEN = SHARED_DATA / "human" / "men"
+NO_SHARED_DATA = (f"real concept data not found at {ONESEC.resolve()} (set STEER_EXPERTS_DATA, or put the "
+                  "shared data beside the checkout, as CI does)")
 
-needs_shared_data = pytest.mark.skipif(
-    not ONESEC.is_dir(), reason=f"real concept data not found at {ONESEC.resolve()} (it sits beside the checkout in CI)"
-)
+needs_shared_data = pytest.mark.skipif(not ONESEC.is_dir(), reason=NO_SHARED_DATA)
 
 TINY = dict(hidden=32, inner=48, layers=2, heads=4)
 
@@ -86,7 +87,7 @@ def tiny_model(request, tokenizer):
 def onesec():
     """The three real OneSec concepts (football, man, woman)."""
     if not ONESEC.is_dir():
-        pytest.skip(f"real concept data not found at {ONESEC.resolve()} (it sits beside the checkout in CI)")
+        pytest.skip(NO_SHARED_DATA)
     from steer_experts.concepts import ConceptSet
 
     return ConceptSet.load(ONESEC)
@@ -101,6 +102,6 @@ def response_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def football_experts(smollm2, onesec, response_cache):
     """Experts of OneSec football on the real SmolLM2 (700 positives, 1000 negatives, all 46,080 neurons)."""
-    from steer_experts.experts import discover
+    from steer_experts.discovery import discover
 
     return discover(smollm2, onesec.subset(["football"]), cache_dir=response_cache, progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ..test_interventions import synthetic_experts
+from ..core.test_interventions import synthetic_experts
 
 
 @pytest.fixture(scope="package")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import steer_experts.responses as responses
 from steer_experts.concepts import ConceptSet
-from steer_experts.experts import discover
+from steer_experts.discovery import discover
 from steer_experts.models import load_model
 
 model_dir, concepts_file, barrier, jobs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])

@@ -17,7 +17,8 @@ import torch
 from steer_experts.expertise import Expertise
 from steer_experts.experts import ExpertSet
 from steer_experts.interventions import ExpertIntervention, build_intervenable, pyvene_call
-from steer_experts.models import LoadedModel, locate_units
+from steer_experts.models import LoadedModel
+from steer_experts.units import locate_units
 from steer_experts.steering import steer
 
 
@@ -26,7 +27,7 @@ def tiny_llama(tokenizer):
     """One tiny random llama, for the tests where the architecture does not matter."""
     from transformers import AutoModelForCausalLM
 
-    from .conftest import tiny_config
+    from ..conftest import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32).eval()

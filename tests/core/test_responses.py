@@ -42,7 +42,7 @@ def _reference(loaded, sentences, pooling, max_length=128):
 
 
 def _mlp_paths(model):
-    from steer_experts.models import locate_units
+    from steer_experts.units import locate_units
 
     return [s.module_path.rsplit(".", 1)[0] for s in locate_units(model)]
 

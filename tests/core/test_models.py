@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_experts.models import (
-    LoadedModel, ModelNotFoundError, UnsupportedArchitectureError, load_model, locate_units, model_fingerprint,
-)
+from steer_experts.models import LoadedModel, ModelNotFoundError, load_model, model_fingerprint
+from steer_experts.units import UnsupportedArchitectureError, locate_units
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 
 def _reference_neurons(model, layer: int, x: torch.Tensor) -> torch.Tensor:

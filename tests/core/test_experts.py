@@ -9,7 +9,7 @@ import pytest
 
 from steer_experts.expertise import Expertise
 from steer_experts.experts import ExpertSet, ModelMismatchError
-from steer_experts.models import UnitSite
+from steer_experts.units import UnitSite
 
 SITES = [UnitSite(0, "model.layers.0.mlp.down_proj", 6), UnitSite(1, "model.layers.1.mlp.down_proj", 6),
          UnitSite(2, "model.layers.2.mlp.down_proj", 4)]

@@ -10,15 +10,17 @@ from scipy.stats import spearmanr
 
 from steer_experts.expertise import Expertise
 from steer_experts.experts import ExpertSet
-from steer_experts.lens import audit_unrelated, label_neurons, search_experts
-from steer_experts.models import UnitSite
-from steer_experts.similarity import (
-    SimilarityMatrix, WordPairRatings, agreement_ceiling, ap_cosine_similarity, experts_per_concept,
-    greedy_word_choice, human_alignment, jaccard_similarity, load_men, load_ratings, relative_taus,
-    shared_experts, spearman_difference, spearman_with_ci,
+from steer_experts.evaluation.statistics import spearman_difference, spearman_with_ci
+from steer_experts.lens.queries import audit_unrelated, label_neurons, search_experts
+from steer_experts.lens.ratings import (
+    WordPairRatings, agreement_ceiling, greedy_word_choice, human_alignment, load_men, load_ratings,
 )
+from steer_experts.lens.similarity import (
+    SimilarityMatrix, ap_cosine_similarity, experts_per_concept, jaccard_similarity, relative_taus, shared_experts,
+)
+from steer_experts.units import UnitSite
 
-from .conftest import MEN
+from ..conftest import MEN
 
 MEN_FILE = MEN / "MEN_dataset_natural_form_full"
 needs_men = pytest.mark.skipif(not MEN_FILE.exists(), reason=f"MEN not found at {MEN_FILE.resolve()}")

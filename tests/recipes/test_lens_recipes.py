@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from steer_experts.errors import InvalidArgumentError
 from steer_experts.experts import ExpertSet
 
-from .conftest import MEN, tiny_config
+from ..conftest import MEN, tiny_config
+from ..helpers import read_csv, recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MEN_FILE = MEN / "MEN_dataset_natural_form_full"
 pytestmark = pytest.mark.skipif(not MEN_FILE.exists(), reason=f"MEN not found at {MEN_FILE.resolve()}")
 
@@ -28,13 +27,6 @@ TEMPLATES = ("The {w} was there in the morning.", "Everyone talked about the {w}
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_torch_thread):
     """Tiny models run faster on one thread."""
-
-
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def men_rows() -> list[tuple[str, str, float]]:
@@ -92,12 +84,11 @@ def alignment(tmp_path_factory, concept_folder, tiny_folder):
 
 def test_alignment_outputs_exist(alignment):
     out, result, _ = alignment
-    for name in ("alignment.json", "alignment.csv", "alignment.png", "report.md", "expert_set/expert_set.json",
+    for name in ("alignment.json", "alignment.csv", "alignment.png", "report.md", "experts/expert_set.json",
                  "baselines/index.json", "similarity/index.json"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "alignment.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
-    with (out / "alignment.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(result["rows"])
+    assert len(read_csv(out / "alignment.csv")) == len(result["rows"])
     assert result["ceiling"] == 0.84
 
 
@@ -105,7 +96,7 @@ def test_alignment_numbers_are_consistent(alignment, words):
     out, result, _ = alignment
     rated = [(a, b) for a, b, _ in men_rows() if a in words and b in words]
     assert result["pairs_available"] == len(rated) > 3
-    expert_set = ExpertSet.from_pretrained(out / "expert_set")
+    expert_set = ExpertSet.from_pretrained(out / "experts")
     ap = expert_set.expertise.ap
     index = {c: i for i, c in enumerate(expert_set.concepts)}
     families = {r["family"] for r in result["rows"]}
@@ -126,10 +117,10 @@ def test_alignment_numbers_are_consistent(alignment, words):
 
 def test_alignment_matrices_match_expert_set(alignment):
     out, _, _ = alignment
-    expert_set = ExpertSet.from_pretrained(out / "expert_set")
+    expert_set = ExpertSet.from_pretrained(out / "experts")
     index = json.loads((out / "similarity" / "index.json").read_text())
     files = {method: name for name, method in index.items()}
-    from steer_experts.similarity import SimilarityMatrix
+    from steer_experts.lens.similarity import SimilarityMatrix
 
     cosine = SimilarityMatrix.from_csv(out / "similarity" / files["ap cosine centred"])
     ap = expert_set.expertise.ap - expert_set.expertise.ap.mean(axis=0)
@@ -139,9 +130,9 @@ def test_alignment_matrices_match_expert_set(alignment):
 
 def test_alignment_resumes_from_saved_work(alignment):
     out, result, args = alignment
-    before = (out / "expert_set" / "expert_set.safetensors").stat().st_mtime_ns
+    before = (out / "experts" / "expert_set.safetensors").stat().st_mtime_ns
     again = recipe("human_alignment").main(args)
-    assert (out / "expert_set" / "expert_set.safetensors").stat().st_mtime_ns == before
+    assert (out / "experts" / "expert_set.safetensors").stat().st_mtime_ns == before
     assert [r["rho"] for r in again["rows"]] == [r["rho"] for r in result["rows"]]
 
 
@@ -154,7 +145,7 @@ def test_organisation(alignment, words, tmp_path):
     out, _, _ = alignment
     categories = {w: "ab"[i % 2] for i, w in enumerate(words)}
     (tmp_path / "cat.csv").write_text("concept,category\n" + "".join(f"{w},{c}\n" for w, c in categories.items()))
-    result = recipe("organisation").main(["--out", str(tmp_path / "org"), "--expert-set", str(out / "expert_set"),
+    result = recipe("organisation").main(["--out", str(tmp_path / "org"), "--experts", str(out / "experts"),
                                           "--categories", str(tmp_path / "cat.csv"), "--label-tau", "0.3"])
     for name in ("dendrogram.png", "heatmap.png", "layers.png", "report.md", "similarity.csv", "neuron_labels.jsonl"):
         assert (tmp_path / "org" / name).stat().st_size > 0, name
@@ -165,7 +156,7 @@ def test_organisation(alignment, words, tmp_path):
     assert len(set(found.values())) <= 2
     for share in result["layer_share"].values():
         assert share == [] or abs(sum(share) - 1) < 1e-9
-    ap = ExpertSet.from_pretrained(out / "expert_set").expertise.ap
+    ap = ExpertSet.from_pretrained(out / "experts").expertise.ap
     assert result["labelled_neurons"] == int((ap > 0.3).any(axis=0).sum())
 
 
@@ -198,5 +189,5 @@ def test_stability(concept_folder, tiny_folder, tokenizer, tmp_path):
 
 def test_alignment_min_positives_leaves_concepts_out(alignment):
     _, _, args = alignment
-    with pytest.raises(SystemExit, match="Only 0 rated pairs"):
+    with pytest.raises(InvalidArgumentError, match="Only 0 rated pairs"):
         recipe("human_alignment").main([*args, "--min-positives", str(len(TEMPLATES) + 1)])

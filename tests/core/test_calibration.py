@@ -9,7 +9,7 @@ from steer_experts.evaluation.concept_score import ConceptClassifier
 from steer_experts.experts import ExpertSet
 from steer_experts.steering import steer
 
-from .test_concept_score import CONCEPT
+from ..evaluation.test_concept_score import CONCEPT
 from .test_interventions import synthetic_experts, tiny_llama  # noqa: F401 (a fixture)
 
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_experts.concept_writing import (
-    DROP_REASONS, ConceptWriter, WritingSettings, mention_pattern, mentions, round_prompts, round_seed,
-    sentence_problem, split_sentences, write_concepts,
+from steer_experts.lens.writing import (
+    DROP_REASONS, ConceptWriter, WritingSettings, round_prompts, round_seed, sentence_problem, split_sentences,
+    write_concepts,
 )
+from steer_experts.words import mention_pattern, mentions
 from steer_experts.concepts import ConceptDataError, ConceptSet
 from steer_experts.models import LoadedModel
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 
 @pytest.mark.parametrize("sentence, word, expected", [

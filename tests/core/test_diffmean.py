@@ -12,7 +12,8 @@ from steer_experts.diffmean import (
     ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_alignment, unit_shifts,
 )
 from steer_experts.experts import ModelMismatchError
-from steer_experts.models import LoadedModel, locate_residual_stream
+from steer_experts.models import LoadedModel
+from steer_experts.units import locate_residual_stream
 from steer_experts.steering import SteeredModel, steer
 
 from .test_interventions import prompt_ids, synthetic_experts, tiny_llama  # noqa: F401 (a fixture)

@@ -17,7 +17,7 @@ from steer_experts.concepts import Concept
 from steer_experts.evaluation.concept_score import ConceptClassifier
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SPORT = ("The striker scored twice in the cup final.", "Fans sang as the goalkeeper saved a penalty.",
          "The league title was decided on the last match day.", "He signed for the club as a midfielder.",
          "The referee showed a red card to the defender.", "Our team trains on the pitch every Tuesday.",

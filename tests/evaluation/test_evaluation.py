@@ -33,7 +33,7 @@ from steer_experts.evaluation import (  # noqa: E402
     self_bleu,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------- concept words
 

@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from steer_experts import expertise
-from steer_experts.expertise import ConceptRows, Expertise, compute_expertise
+from steer_experts.concepts import ConceptRows
+from steer_experts.expertise import Expertise, compute_expertise
 
 
 class ColumnStream:
@@ -38,7 +39,7 @@ def tied_responses(rng: np.random.Generator, n: int, u: int) -> np.ndarray:
     return x
 
 
-def mixed_concepts(rng: np.random.Generator, n: int) -> Concepts:
+def mixed_concepts(rng: np.random.Generator, n: int) -> ConceptRows:
     """Concepts with overlapping index sets, complement and subset negatives, and tiny sizes."""
     everyone = np.arange(n)
     shuffled = rng.permutation(n)
@@ -75,7 +76,7 @@ def mixed_concepts(rng: np.random.Generator, n: int) -> Concepts:
     )
 
 
-def sklearn_reference(x: np.ndarray, concepts: Concepts) -> dict[str, np.ndarray]:
+def sklearn_reference(x: np.ndarray, concepts: ConceptRows) -> dict[str, np.ndarray]:
     """Per unit and concept: sklearn AP / AUROC and numpy statistics."""
     c_count, u_count = len(concepts.names), x.shape[1]
     ref = {s: np.empty((c_count, u_count)) for s in Expertise.STATS}

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_experts.baselines import contextual_concept_vectors, static_word_vectors, vector_similarity
+from steer_experts.lens.baselines import contextual_concept_vectors, static_word_vectors, vector_similarity
 from steer_experts.concepts import Concept, ConceptSet
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder, minilm_folder
 from steer_experts.models import LoadedModel
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 CONCEPTS = ConceptSet([
     Concept("dog", ("The dog barked at the mailman.", "A dog sleeps.", "My neighbour's dog loves long walks in the park.")),

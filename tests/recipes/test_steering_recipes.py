@@ -8,8 +8,6 @@ softmax, sklearn's AP), and for resuming without generating again.
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import json
 import math
 import re
@@ -22,26 +20,11 @@ from sklearn.metrics import average_precision_score
 
 from steer_experts.steering import SteeredModel
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "recipes"
-EXAMPLES = ROOT / "examples" / "concepts.jsonl"
+from steer_experts.errors import InvalidArgumentError
+
+from ..helpers import EXAMPLES, is_png, read_csv, recipe
+
 pytestmark = pytest.mark.integration
-
-
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def is_png(path: Path) -> bool:
-    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(autouse=True)
@@ -56,14 +39,14 @@ def torch_threads():
 def example_experts(smollm2, tmp_path_factory, response_cache) -> Path:
     """Experts of the 4 example concepts, each against negatives sampled from the others, saved once."""
     from steer_experts.concepts import ConceptSet
+    from steer_experts.discovery import discover
 
-    io = recipe("recipe_io")
     folder = tmp_path_factory.mktemp("example_experts")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the recipes do: far faster than 2 on shared cores
     try:
-        io.discover_each(smollm2, ConceptSet.load(EXAMPLES), cache_dir=str(response_cache), progress=False) \
-            .save_pretrained(folder)
+        discover(smollm2, ConceptSet.load(EXAMPLES), negatives="per_concept", cache_dir=str(response_cache),
+                 progress=False).save_pretrained(folder)
     finally:
         torch.set_num_threads(threads)
     return folder
@@ -134,7 +117,7 @@ def test_concept_induction(example_experts, smollm2, tmp_path, monkeypatch):
     assert again["cells_generated"] == 0
     assert read_csv(out / "metrics.csv") == table
     # Changing a setting that fixes what cells mean is refused, not mixed in.
-    with pytest.raises(SystemExit, match="max_new_tokens"):
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         ci.main([*argv, "--max-new-tokens", "5"])
 
 
@@ -238,8 +221,7 @@ def test_causal_validation(example_experts, smollm2, tmp_path, monkeypatch, resp
     first, second = whole.split(0.5, seed=0)
     responses = collect_responses(smollm2, whole.sentences, cache_dir=response_cache, progress=False).to_numpy()
     row = {s: i for i, s in enumerate(whole.sentences)}
-    io = recipe("recipe_io")
-    top = np.argsort(-compute_expertise(responses, io.rows_of(first.concepts, whole.sentences), progress=False).ap[0],
+    top = np.argsort(-compute_expertise(responses, first.rows(whole.sentences), progress=False).ap[0],
                      kind="stable")[:3]
     held = [row[s] for s in second.concepts[0].positives + second.concepts[0].negatives]
     labels = np.r_[np.ones(len(second.concepts[0].positives)), np.zeros(len(second.concepts[0].negatives))]
@@ -252,32 +234,3 @@ def test_causal_validation(example_experts, smollm2, tmp_path, monkeypatch, resp
 
     monkeypatch.setattr(SteeredModel, "complete", no_generation)
     assert cv.main(argv)["cells_generated"] == 0
-
-
-# --------------------------------------------------------------------------- contrastive discovery
-
-
-def test_discover_contrast_scores_against_the_other_concepts_positives(smollm2, example_experts, response_cache):
-    from steer_experts.concepts import ConceptSet
-    from steer_experts.responses import collect_responses
-
-    io = recipe("recipe_io")
-    concepts = ConceptSet.load(EXAMPLES).with_sampled_negatives(seed=0).subset(["music", "cooking"])
-    contrasted = io.discover_contrast(smollm2, concepts, cache_dir=str(response_cache), progress=False)
-    assert contrasted.concepts == ["music", "cooking"]
-    music, cooking = concepts["music"], concepts["cooking"]
-    # music's negatives: its own sampled negatives plus cooking's positives (some already among them)
-    negatives = list(dict.fromkeys(music.negatives + cooking.positives))
-    sentences = list(music.positives) + negatives
-    responses = {}
-    for name in ("music", "cooking"):  # each concept's cached responses, by sentence
-        part = concepts.subset([name]).sentences
-        matrix = collect_responses(smollm2, part, cache_dir=response_cache, progress=False).to_numpy()
-        responses.update({s: matrix[i] for i, s in enumerate(part)})
-    labels = np.r_[np.ones(len(music.positives)), np.zeros(len(negatives))]
-    rng = np.random.default_rng(0)
-    units = np.r_[contrasted.select("music", k=5).units, rng.choice(contrasted.n_units, 5, replace=False)]
-    for u in units:
-        expected = average_precision_score(labels, [responses[s][u] for s in sentences])
-        assert contrasted.expertise.ap[0, u] == pytest.approx(expected, abs=1e-9)
-    assert int(contrasted.expertise.n_negatives[0]) == len(negatives)

@@ -14,12 +14,13 @@ import torch
 
 from steer_experts.experts import ExpertSet, ModelMismatchError
 from steer_experts.hub import HubUnavailableError
-from steer_experts.models import LoadedModel, load_model, locate_units
+from steer_experts.models import LoadedModel, load_model
+from steer_experts.units import locate_units
 from steer_experts.steering import SteeredModel, steer
 
 from .test_interventions import prompt_ids, synthetic_experts, tiny_llama  # noqa: F401 (a fixture)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- independent reference
@@ -249,7 +250,7 @@ print("RESULT" + json.dumps(ours))
 def test_save_then_load_in_fresh_process(tmp_path, tokenizer, arch):
     from transformers import AutoModelForCausalLM
 
-    from .conftest import tiny_config
+    from ..conftest import tiny_config
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)), dtype=torch.float32).eval()
@@ -316,7 +317,7 @@ def test_push_to_hub_offline_fails_clearly(tiny_llama, monkeypatch):
 
 
 def test_push_uploads_exactly_the_saved_folder(tiny_llama, monkeypatch, tmp_path):
-    from steer_experts import hub
+    from steer_experts import steering
 
     uploaded = {}
 
@@ -324,7 +325,7 @@ def test_push_uploads_exactly_the_saved_folder(tiny_llama, monkeypatch, tmp_path
         uploaded.update({str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()})
         return f"https://huggingface.co/{repo_id}"
 
-    monkeypatch.setattr(hub, "upload_folder", fake_upload)
+    monkeypatch.setattr(steering, "upload_folder", fake_upload)  # steering binds hub's function at import
     steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=5)
     assert steered.push_to_hub("someone/x") == "https://huggingface.co/someone/x"
     saved = steered.save_pretrained(tmp_path / "s", repo_id="someone/x")

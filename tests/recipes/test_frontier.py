@@ -12,7 +12,8 @@ from steer_experts.evaluation import concept_presence, concept_words
 from steer_experts.evaluation.concept_score import ConceptClassifier
 from steer_experts.steering import SteeredModel
 
-from .test_recipes_induction import EXAMPLES, example_experts, is_png, no_generation, read_csv, recipe  # noqa: F401
+from ..helpers import EXAMPLES, is_png, read_csv, recipe
+from .test_steering_recipes import example_experts, no_generation  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
 

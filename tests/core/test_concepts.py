@@ -9,7 +9,7 @@ import pytest
 
 from steer_experts.concepts import Concept, ConceptDataError, ConceptSet, resolve_concept
 
-from .conftest import ONESEC, needs_shared_data
+from ..conftest import ONESEC, needs_shared_data
 
 EXAMPLE = "examples/concepts.jsonl"
 
