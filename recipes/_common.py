@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from steer_experts.atomic import atomic_write, claim_output_folder
+from steer_experts.atomic import atomic_write, claim_output_folder, settings_changes
 from steer_experts.concepts import ConceptSet
 from steer_experts.discovery import discover
 from steer_experts.errors import InvalidArgumentError, SteerExpertsError, UnknownConceptError
@@ -122,18 +122,12 @@ class RunFolder:
             self._check_settings(settings)
 
     def _check_settings(self, settings: dict) -> None:
-        path = self.root / "run.json"
-        settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from disk
-        if path.exists():
-            old = json.loads(path.read_text())
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed:
-                raise InvalidArgumentError(
-                    f"{self.root} holds results made with other settings ({', '.join(changed)}: "
-                    f"{[old.get(k) for k in changed]} then, {[settings.get(k) for k in changed]} now). "
-                    "Use another --out, or delete that folder to start over.")
-        else:
-            write_text(path, json.dumps(settings, indent=1))
+        changed = settings_changes(self.root / "run.json", settings)
+        if changed:
+            raise InvalidArgumentError(
+                f"{self.root} holds results made with other settings ({', '.join(changed)}: "
+                f"{[then for then, _ in changed.values()]} then, {[now for _, now in changed.values()]} now). "
+                "Use another --out, or delete that folder to start over.")
 
     @staticmethod
     def cell_id(**key) -> str:

@@ -60,6 +60,7 @@ from steer_experts.evaluation import (  # noqa: E402
 )
 from steer_experts.evaluation.prompts import inviting_prompts  # noqa: E402
 from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.responses import collect_responses  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word, concept_words  # noqa: E402
@@ -215,9 +216,7 @@ def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None
             ax.set_title(f"{concept_word(concept)}, silenced: {value}")
             ax.legend(fontsize=8)
     fig.suptitle(f"Ablation on concept-inviting prompts, {args.model} (95% bootstrap intervals)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- generalisation

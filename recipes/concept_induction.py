@@ -40,10 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -56,6 +52,7 @@ from steer_experts.evaluation import (  # noqa: E402
     SteeredScorer, concept_presence, distinct_n, mean_row, perplexity, rate_row, self_bleu,
 )
 from steer_experts.evaluation.prompts import NEUTRAL_PROMPTS  # noqa: E402
+from steer_experts.figures import concept_panels  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word, concept_words  # noqa: E402
 
@@ -255,49 +252,32 @@ def _curves(table, concept: str, args):
 
 
 def plot_p_vs_k(table, names, args, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 5 * len(names)), 4), squeeze=False)
-    for ax, concept in zip(axes[0], names):
+    def draw(ax, concept):
         for label, rows in _curves(table, concept, args):
-            k = np.array([r["k"] for r in rows])
-            p = np.array([r["p_concept"] for r in rows])
-            err = np.array([[r["p_concept"] - r["p_concept_low"] for r in rows],
-                            [r["p_concept_high"] - r["p_concept"] for r in rows]])
-            ax.errorbar(k, p, yerr=err, marker="o", ms=4, capsize=3, label=label)
+            err = [[r["p_concept"] - r["p_concept_low"] for r in rows], [r["p_concept_high"] - r["p_concept"] for r in rows]]
+            ax.errorbar([r["k"] for r in rows], [r["p_concept"] for r in rows], yerr=err, marker="o", ms=4, capsize=3,
+                        label=label)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(args.ks, [str(k) for k in args.ks])
-        ax.set_xlabel("k (units steered)")
-        ax.set_ylabel(f"p({concept_word(concept)})")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(concept_word(concept))
+        ax.set(xlabel="k (units steered)", ylabel=f"p({concept_word(concept)})", ylim=(-0.02, 1.02),
+               title=concept_word(concept))
         ax.legend(fontsize=8)
-    fig.suptitle(f"Concept induction, {args.model}: p(concept) with 95% bootstrap intervals", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    concept_panels(names, draw, path, f"Concept induction, {args.model}: p(concept) with 95% bootstrap intervals")
 
 
 def plot_tradeoff(table, names, args, ppl_key: str, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(names), figsize=(max(6.5, 5 * len(names)), 4), squeeze=False)
-    for ax, concept in zip(axes[0], names):
+    def draw(ax, concept):
         for label, rows in _curves(table, concept, args):
-            x = [r[ppl_key] for r in rows]
-            y = [r["p_concept"] for r in rows]
-            ax.plot(x, y, marker="o", ms=4, label=label)
-            if label.startswith("experts"):
-                for r in rows:
-                    ax.annotate(f"k={r['k']}", (r[ppl_key], r["p_concept"]), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
+            ax.plot([r[ppl_key] for r in rows], [r["p_concept"] for r in rows], marker="o", ms=4, label=label)
+            for r in rows if label.startswith("experts") else []:
+                ax.annotate(f"k={r['k']}", (r[ppl_key], r["p_concept"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())  # "3 x 10^1" labels overlap on short ranges
-        ax.set_xlabel(f"{ppl_key} (mean perplexity)")
-        ax.set_ylabel(f"p({concept_word(concept)})")
-        ax.set_title(concept_word(concept))
+        ax.set(xlabel=f"{ppl_key} (mean perplexity)", ylabel=f"p({concept_word(concept)})", title=concept_word(concept))
         ax.legend(fontsize=8)
-    fig.suptitle(f"Concept induction, {args.model}: concept rate against perplexity", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    concept_panels(names, draw, path, f"Concept induction, {args.model}: concept rate against perplexity")
 
 
 # --------------------------------------------------------------------------- report

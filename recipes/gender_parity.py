@@ -48,10 +48,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -60,6 +56,7 @@ from _common import (  # noqa: E402
 )
 from steer_experts.evaluation import SteeredScorer, concept_presence, next_word_probability, perplexity  # noqa: E402
 from steer_experts.evaluation.prompts import OCCUPATION_TEMPLATE, OCCUPATIONS, occupation_contexts  # noqa: E402
+from steer_experts.figures import concept_panels  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word  # noqa: E402
 
@@ -220,8 +217,7 @@ def parity_table(table: list[dict], names: list[str], args, measure: str) -> lis
 
 
 def plot_delta(table: list[dict], names: list[str], args, measure: str, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(names), figsize=(max(7, 6 * len(names)), 4.5), squeeze=False, sharey=True)
-    for ax, concept in zip(axes[0], names):
+    def draw(ax, concept):
         for occupation in args.occupations:
             mine = sorted((r for r in table if r["concept"] == concept and r["occupation"] == occupation),
                           key=lambda r: r["k"])
@@ -234,14 +230,12 @@ def plot_delta(table: list[dict], names: list[str], args, measure: str, path: Pa
         ax.axhline(0, color="grey", ls="--", lw=1)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(args.ks, [str(k) for k in args.ks])
-        ax.set_xlabel(f"k ({concept_word(concept)} experts steered)")
-        ax.set_title(f"{concept_word(concept)} experts")
+        ax.set(xlabel=f"k ({concept_word(concept)} experts steered)", title=f"{concept_word(concept)} experts")
+        if concept == names[0]:
+            ax.set_ylabel(f"p(she, her) - p(he, his)  [{measure}]")
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"p(she, her) - p(he, his)  [{measure}]")
-    fig.suptitle(f"Gender parity, {args.model}: \"{args.template}\", one thin line per occupation", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    concept_panels(names, draw, path, f"Gender parity, {args.model}: \"{args.template}\", one thin line per occupation",
+                   width=6, height=4.5, min_width=7, sharey=True)
 
 
 def write_report(parity: dict[str, list[dict]], args, run: RunFolder) -> str:

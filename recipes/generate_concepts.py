@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from _common import MEN, LazyModel, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.ratings import greedy_word_choice, load_men  # noqa: E402
 from steer_experts.lens.writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
 
@@ -48,9 +49,7 @@ def plot_yield(report: dict, path: Path) -> None:
     ax.set_ylabel("positive sentences kept")
     ax.set_title(f"Concept sentences per word (yield {report['yield']:.0%} of candidate sentences)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(run: RunFolder, report: dict, settings: WritingSettings, words: list[str], sample: ConceptSet) -> None:

@@ -38,6 +38,7 @@ from steer_experts.errors import InvalidArgumentError  # noqa: E402
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
 from steer_experts.evaluation.statistics import spearman_difference  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
+from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.baselines import baseline_similarities  # noqa: E402
 from steer_experts.lens.ratings import (  # noqa: E402
     agreement_ceiling, human_alignment, load_men, load_ratings, rated_pair_values,
@@ -147,9 +148,7 @@ def plot_alignment(rows: list[dict], ceiling: float, path: Path) -> None:
     axes[1].set_title("tau relative to the positive rate r")
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(0.80, 0.5))
-    fig.tight_layout(rect=(0, 0, 0.79, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0, 0.79, 1))
 
 
 def fmt(r: dict) -> str:

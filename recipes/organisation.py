@@ -29,6 +29,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from _common import RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
+from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.organisation import cluster, layer_distribution, read_categories, similarity_by_name  # noqa: E402
 from steer_experts.lens.queries import label_neurons  # noqa: E402
 from steer_experts.lens.similarity import SimilarityMatrix, relative_taus  # noqa: E402
@@ -41,9 +42,7 @@ def plot_tree(sim: SimilarityMatrix, tree: np.ndarray, categories: dict[str, str
     labels = [f"{c} [{categories[c]}]" if c in categories else c for c in sim.concepts]
     leaves = dendrogram(tree, labels=labels, ax=ax, leaf_font_size=6 if n > 40 else 8, color_threshold=None)
     ax.set_title(f"Concepts clustered by {sim.method} (average linkage)")
-    fig.tight_layout()
-    fig.savefig(out / "dendrogram.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "dendrogram.png")
     order = leaves["leaves"]
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * n + 3), max(5, 0.12 * n + 2)))
     shown = sim.values[np.ix_(order, order)].copy()
@@ -54,9 +53,7 @@ def plot_tree(sim: SimilarityMatrix, tree: np.ndarray, categories: dict[str, str
     ax.set_yticks(range(n), names, fontsize=5 if n > 40 else 8)
     fig.colorbar(image, ax=ax, shrink=0.7, label=sim.method)
     ax.set_title("Similarity, concepts in dendrogram order (diagonal blank)")
-    fig.tight_layout()
-    fig.savefig(out / "heatmap.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "heatmap.png")
     return names
 
 
@@ -71,9 +68,7 @@ def plot_layers(distribution: dict[str, list[float]], totals: dict[str, int], pa
     ax.set_xlabel("layer")
     ax.set_title("Where the experts are: share per layer as tau rises (blank: no experts)")
     fig.colorbar(image, ax=ax, label="share of experts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

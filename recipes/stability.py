@@ -33,6 +33,7 @@ from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.discovery import discover  # noqa: E402
 from steer_experts.expertise import compute_expertise  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
+from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.organisation import size_confound, styles_of, view_of  # noqa: E402
 from steer_experts.lens.ratings import human_alignment, load_men  # noqa: E402
 from steer_experts.lens.similarity import (  # noqa: E402
@@ -71,9 +72,7 @@ def scatter(a: SimilarityMatrix, b: SimilarityMatrix, xlabel: str, ylabel: str, 
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(f"{a.method}: Spearman rho {rho:.2f}" if rho is not None else a.method, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:

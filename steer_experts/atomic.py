@@ -12,6 +12,7 @@ folder is ours, so no marker file is needed (and none reaches the Hub).
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -30,6 +31,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def settings_changes(path: str | Path, settings: dict) -> dict[str, tuple]:
+    """Compare ``settings`` (JSON-able) with the settings saved at ``path`` by an earlier run:
+    ``{key: (then, now)}`` for every key whose value differs, sorted by key. With no file there
+    yet, the settings are written (atomically) and nothing differs. Resuming runs call this so
+    that results made with other settings are never mixed with new ones."""
+    path = Path(path)
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from disk
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: p.write_text(json.dumps(settings, indent=1)))
+        return {}
+    old = json.loads(path.read_text())
+    return {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
 
 
 def file_safe(name: str, keep: str = "-_", last: int | None = None) -> str:

@@ -184,20 +184,6 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -208,25 +194,22 @@ def _finite(text: str) -> float:
     return value
 
 
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
+def _checked(parse, ok, need: str):
+    """An argparse type: ``parse`` the text, then refuse a value for which ``ok`` is false, saying ``need``
+    (and the value as parsed for integers, as typed for floats)."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{need}, got {value if isinstance(value, int) else text}")
+        return value
+    return check
 
 
-def _positive(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def _tau(text: str) -> float:
-    value = _finite(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (an AP threshold), got {text}")
-    return value
+_positive_int = _checked(_integer, lambda v: v >= 1, "must be at least 1")
+_non_negative_int = _checked(_integer, lambda v: v >= 0, "must be at least 0")
+_non_negative = _checked(_finite, lambda v: v >= 0, "must be at least 0")
+_positive = _checked(_finite, lambda v: v > 0, "must be greater than 0")
+_tau = _checked(_finite, lambda v: 0 <= v < 1, "must be in [0, 1) (an AP threshold)")
 
 
 def _text(text: str) -> str:

@@ -10,7 +10,30 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from typing import Callable, Sequence  # noqa: E402
+
 from .experts import ExpertSet  # noqa: E402
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120, rect: tuple | None = None) -> Path:
+    """Lay out ``fig`` (within ``rect`` of the figure, when a legend sits beside it), save it as a PNG
+    at ``path`` and close it, so a long run does not keep every figure in memory; returns the path."""
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
+def concept_panels(names: Sequence[str], draw: Callable, path: str | Path, title: str, *, width: float = 5.0,
+                   height: float = 4.0, min_width: float = 6.5, sharey: bool = False) -> Path:
+    """A row of panels, one per concept of ``names``: ``draw(ax, name)`` fills each; ``title`` above
+    them all; saved as a PNG at ``path`` (sizes in inches)."""
+    fig, axes = plt.subplots(1, len(names), figsize=(max(min_width, width * len(names)), height), squeeze=False,
+                             sharey=sharey)
+    for ax, name in zip(axes[0], names):
+        draw(ax, name)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
 
 
 def plot_ap_by_layer(expert_set: ExpertSet, path: str | Path, tau: float = 0.5) -> Path:
@@ -31,7 +54,4 @@ def plot_ap_by_layer(expert_set: ExpertSet, path: str | Path, tau: float = 0.5) 
     top.set_title(f"Expert neurons by layer ({expert_set.model_name}, {expert_set.n_units} units)")
     bottom.set_ylabel(f"units with AP > {tau}")
     bottom.set_xlabel("layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, file_safe
+from ..atomic import atomic_write, file_safe, settings_changes
 from ..concepts import ConceptDataError
 from ..models import LoadedModel
 from ..words import mention_pattern
@@ -255,18 +255,12 @@ class ConceptWriter:
 
     def _check_settings(self) -> None:
         wanted = {"model": self.model.name, "fingerprint": self.model.fingerprint, **self.settings.generation_key()}
-        path = self.state_folder / "settings.json"
-        if path.exists():
-            found = json.loads(path.read_text())
-            differ = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
-            if differ:
-                raise ConceptDataError(
-                    f"{self.folder} holds sentences written with other settings ({', '.join(differ)} differ). "
-                    "Use another folder, or the same settings to resume."
-                )
-            return
-        self.state_folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: p.write_text(json.dumps(wanted, indent=1)))
+        differ = settings_changes(self.state_folder / "settings.json", wanted)
+        if differ:
+            raise ConceptDataError(
+                f"{self.folder} holds sentences written with other settings ({', '.join(differ)} differ). "
+                "Use another folder, or the same settings to resume."
+            )
 
     def progress_of(self, word: str) -> WordProgress:
         """The saved progress of ``word`` (empty if none)."""

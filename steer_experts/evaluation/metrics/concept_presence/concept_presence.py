@@ -1,9 +1,9 @@
 """p(concept) as an ``evaluate`` metric; the computation lives in steer_experts.evaluation."""
 
-import datasets
 import evaluate
 
 import steer_experts.evaluation
+from steer_experts.evaluation.metrics import text_metric_info
 
 _DESCRIPTION = """\
 Concept presence: for each prediction, whether it contains the concept word or one
@@ -40,12 +40,7 @@ class ConceptPresence(evaluate.Metric):
     """Share of generations that mention a concept."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return text_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, concept=None, words=None, extra=()):
         if (concept is None) == (words is None):

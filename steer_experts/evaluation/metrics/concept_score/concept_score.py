@@ -1,11 +1,11 @@
 """The classifier concept score as an ``evaluate`` metric; the computation lives in
 steer_experts.evaluation.concept_score."""
 
-import datasets
 import evaluate
 
 from steer_experts.concepts import Concept
 from steer_experts.evaluation.concept_score import ConceptClassifier
+from steer_experts.evaluation.metrics import text_metric_info
 
 _DESCRIPTION = """\
 Concept score: the mean probability that a prediction is about a concept, from a
@@ -42,12 +42,7 @@ class ConceptScore(evaluate.Metric):
     """Mean classifier probability that generations are about a concept."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return text_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, positives=None, negatives=None, seed=0):
         if not positives or not negatives:

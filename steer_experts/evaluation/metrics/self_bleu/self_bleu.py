@@ -1,9 +1,9 @@
 """Self-BLEU as an ``evaluate`` metric; the computation lives in steer_experts.evaluation."""
 
-import datasets
 import evaluate
 
 import steer_experts.evaluation
+from steer_experts.evaluation.metrics import text_metric_info
 
 _DESCRIPTION = """\
 Self-BLEU (Zhu et al. 2018): the mean, over the predictions, of the sentence BLEU
@@ -39,12 +39,7 @@ class SelfBleu(evaluate.Metric):
     """Self-BLEU of a set of generations."""
 
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
+        return text_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, _CITATION)
 
     def _compute(self, predictions, n=4, max_refs=None, seed=0):
         return {"self_bleu": steer_experts.evaluation.self_bleu(predictions, n=n, seed=seed, max_refs=max_refs)}
