@@ -50,7 +50,6 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from _common import LazyModel, RunFolder, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv  # noqa: E402
@@ -59,9 +58,8 @@ from steer_experts.evaluation import (  # noqa: E402
     SteeredScorer, concept_presence, difference_row, distinct_forms, mean_row, next_word_probability, rate_row,
 )
 from steer_experts.evaluation.prompts import inviting_prompts  # noqa: E402
-from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.discovery import held_out_expertise  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
-from steer_experts.responses import collect_responses  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word, concept_words  # noqa: E402
 
@@ -219,34 +217,6 @@ def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None
     save_figure(fig, path)
 
 
-# --------------------------------------------------------------------------- generalisation
-
-
-def generalisation(model, concept_set: ConceptSet, names: list[str], args) -> list[dict]:
-    """Per concept and k: AP of the first half's top-k experts on both halves (see the module docstring)."""
-    table = []
-    for name in names:
-        whole = concept_set.subset([name])  # the sentences discovery saw, so the responses come from the cache
-        responses = collect_responses(model, whole.sentences, cache_dir=args.cache_dir)
-        first, second = whole.split(args.split_fraction, seed=args.seed)
-        ap_a = compute_expertise(responses, first.rows(whole.sentences), progress=False).ap[0]
-        held = compute_expertise(responses, second.rows(whole.sentences), progress=False)
-        ap_b = held.ap[0]
-        chance = float(held.n_positives[0] / (held.n_positives[0] + held.n_negatives[0]))
-        order_a, order_b = np.argsort(-ap_a, kind="stable"), np.argsort(-ap_b, kind="stable")
-        for k in args.split_ks:
-            top_a, top_b = order_a[:k], order_b[:k]
-            a, b = float(ap_a[top_a].mean()), float(ap_b[top_a].mean())
-            kept = (b - chance) / (a - chance) if a > chance else float("nan")
-            table.append(dict(concept=name, k=k, ap_choosing=a, ap_held_out=b, ap_drop=a - b,
-                              ap_held_out_min=float(ap_b[top_a].min()), ap_held_out_own_topk=float(ap_b[top_b].mean()),
-                              chance=chance, kept_above_chance=kept,
-                              overlap=len(np.intersect1d(top_a, top_b)) / k,
-                              n_choosing=len(first.concepts[0].positives) + len(first.concepts[0].negatives),
-                              n_held_out=len(second.concepts[0].positives) + len(second.concepts[0].negatives)))
-    return table
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -325,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_ablation(table, names, args, out / "ablation.png")
 
     concept_set = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
-    general = generalisation(model, concept_set, names, args)
+    general = held_out_expertise(model, concept_set.subset(names), args.split_ks, fraction=args.split_fraction,
+                                 seed=args.seed, cache_dir=args.cache_dir)
     write_csv(out / "generalisation.csv", general)
     print(write_report(names, verdicts, general, args, run))
     summary = {"cells_generated": cells_generated, "ablation": verdicts, "generalisation": general}

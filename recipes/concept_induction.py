@@ -48,9 +48,8 @@ from _common import (  # noqa: E402
     LazyModel, RunFolder, cross_scorer, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv,
 )
 from steer_experts.errors import InvalidArgumentError  # noqa: E402
-from steer_experts.evaluation import (  # noqa: E402
-    SteeredScorer, concept_presence, distinct_n, mean_row, perplexity, rate_row, self_bleu,
-)
+from steer_experts.evaluation import SteeredScorer, concept_presence, mean_row, perplexity, rate_row  # noqa: E402
+from steer_experts.evaluation.diversity import diversity_by_prompt  # noqa: E402
 from steer_experts.evaluation.prompts import NEUTRAL_PROMPTS  # noqa: E402
 from steer_experts.figures import concept_panels  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
@@ -159,17 +158,7 @@ def cell_metrics(rows: list[dict], words: list[str], args: argparse.Namespace, s
     out.update(rate_row(concept_presence(texts, words), "p_concept", seed, args.n_boot))
     out.update(mean_row([r["ppl_cross"] for r in rows], "ppl_cross", seed, args.n_boot))
     out.update(mean_row([r["ppl_self"] for r in rows], "ppl_self", seed, args.n_boot))
-    by_prompt: dict[int, list[str]] = {}
-    for r in rows:
-        by_prompt.setdefault(r["prompt_index"], []).append(r["text"])
-    for n in (3, 4):
-        scores = [self_bleu(t, n=n) for t in by_prompt.values() if len(t) > 1]
-        out[f"self_bleu{n}"] = float(np.mean(scores)) if scores else float("nan")
-    for n in (1, 2, 3):
-        try:
-            out[f"distinct{n}"] = distinct_n(texts, n)
-        except ValueError:  # no text has n tokens: diversity is undefined, not zero
-            out[f"distinct{n}"] = float("nan")
+    out.update(diversity_by_prompt(texts, [r["prompt_index"] for r in rows]))
     return out
 
 

@@ -56,6 +56,7 @@ from _common import (  # noqa: E402
 )
 from steer_experts.evaluation import SteeredScorer, concept_presence, next_word_probability, perplexity  # noqa: E402
 from steer_experts.evaluation.prompts import OCCUPATION_TEMPLATE, OCCUPATIONS, occupation_contexts  # noqa: E402
+from steer_experts.evaluation.statistics import crossing_k, finite_mean, value_at_k  # noqa: E402
 from steer_experts.figures import concept_panels  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word  # noqa: E402
@@ -149,32 +150,6 @@ def deltas(rows: list[dict], args) -> list[dict]:
     return table
 
 
-def finite_mean(values) -> float:
-    """Mean of the finite values; NaN when there is none (no scorer, or no continuation)."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def crossing(ks: list[int], values: list[float]) -> float | None:
-    """The k where ``values`` first takes the opposite sign of values[0], linear in log(1 + k); None if never."""
-    start = np.sign(values[0])
-    if start == 0:
-        return float(ks[0])
-    for i in range(1, len(ks)):
-        if np.sign(values[i]) != start:
-            x0, x1 = np.log1p(ks[i - 1]), np.log1p(ks[i])
-            y0, y1 = values[i - 1], values[i]
-            x = x0 + (0.0 - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 else x1
-            return float(np.expm1(x))
-    return None
-
-
-def at_k(ks: list[int], values: list[float], k: float) -> float:
-    """``values`` (given on the grid ``ks``) interpolated at ``k``, linear in log(1 + k)."""
-    return float(np.interp(np.log1p(k), np.log1p(ks), values))
-
-
 def parity_table(table: list[dict], names: list[str], args, measure: str) -> list[dict]:
     """Per steering concept and context (and their mean over contexts): the parity point.
 
@@ -203,15 +178,15 @@ def parity_table(table: list[dict], names: list[str], args, measure: str) -> lis
             elif np.sign(delta[0]) == direction:
                 status = f"already leans {'she' if direction > 0 else 'he'}"
             else:
-                k_star = crossing(ks, delta)
+                k_star = crossing_k(ks, delta)
                 status = "parity" if k_star is not None else "none within the grid"
                 grid_k = next((k for k, d in zip(ks, delta) if np.sign(d) != np.sign(delta[0])), None)
             found = k_star is not None
             out.append(dict(concept=concept, occupation=occupation, measure=measure, status=status,
                             delta_k0=delta[0], delta_kmax=delta[-1],
                             parity_k=k_star if found else "", parity_grid_k=grid_k if found else "",
-                            ppl_cross_at_parity=at_k(ks, all_ppl, k_star) if found else "",
-                            ppl_self_at_parity=at_k(ks, ppl_self, k_star) if found else "",
+                            ppl_cross_at_parity=value_at_k(ks, all_ppl, k_star) if found else "",
+                            ppl_self_at_parity=value_at_k(ks, ppl_self, k_star) if found else "",
                             ppl_cross_k0=all_ppl[0], ppl_self_k0=ppl_self[0]))
     return out
 

@@ -36,12 +36,11 @@ from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.discovery import discover  # noqa: E402
 from steer_experts.errors import InvalidArgumentError  # noqa: E402
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder  # noqa: E402
-from steer_experts.evaluation.statistics import spearman_difference  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.baselines import baseline_similarities  # noqa: E402
 from steer_experts.lens.ratings import (  # noqa: E402
-    agreement_ceiling, human_alignment, load_men, load_ratings, rated_pair_values,
+    agreement_ceiling, compare_with_baselines, human_alignment, load_men, load_ratings,
 )
 from steer_experts.lens.similarity import (  # noqa: E402
     SimilarityMatrix, ap_cosine_similarity, experts_per_concept, jaccard_similarity, relative_taus,
@@ -198,23 +197,6 @@ def write_report(out: Path, result: dict) -> None:
     atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
-def verdict(expert: dict, baselines: list[dict], matrices: dict[str, SimilarityMatrix], ratings, args) -> dict:
-    """Does ``expert`` beat every baseline? Paired bootstrap differences of rho on the shared pairs."""
-    expert_values, scores = rated_pair_values(matrices[expert["method"]], ratings)
-    differences, beats_all = [], bool(baselines)
-    for b in baselines:
-        values, _ = rated_pair_values(matrices[b["method"]], ratings)
-        d = spearman_difference(expert_values, values, scores, n_boot=args.n_boot, seed=args.seed).to_dict()
-        differences.append({"baseline": b["method"], **d})
-        beats_all &= d["low"] is not None and d["low"] > 0
-    best = max(baselines, key=lambda r: r["rho"]) if baselines else {"method": "none", "rho": float("nan")}
-    answer = ("yes: above every baseline, paired 95% CI excludes 0" if beats_all else
-              "above every baseline in point estimate, not resolved for all" if expert["rho"] > best["rho"] else "no")
-    return {"expert": expert["method"], "expert_rho": expert["rho"], "best_baseline": best["method"],
-            "best_baseline_rho": best["rho"], "differences": differences, "beats_every_baseline": beats_all,
-            "answer": answer}
-
-
 def alignment_row(method: str, family: str, sim: SimilarityMatrix, ratings, args, **extra) -> dict:
     """One result row: the correlation with the ratings and anything extra (``sim`` already restricted)."""
     corr = human_alignment(sim, ratings, n_boot=args.n_boot, seed=args.seed).to_dict()
@@ -288,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
                      and (r.get("plot") or r["method"].startswith("contextual best"))]
     primary = next((r for r in experts if r["method"] == args.primary), None)
     judged = [r for r in (primary, best_expert) if r is not None]
-    verdicts = [verdict(r, baseline_rows, matrices, ratings, args) for r in judged[: 1 if primary is best_expert else 2]]
+    verdicts = [compare_with_baselines(r, baseline_rows, matrices, ratings, n_boot=args.n_boot, seed=args.seed)
+                for r in judged[: 1 if primary is best_expert else 2]]
     neighbour_method = judged[0]["method"]
     result = {
         "model": expert_set.model_name, "n_concepts": len(names), "concepts_left_out": dropped,

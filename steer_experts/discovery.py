@@ -12,16 +12,21 @@ What a concept is scored against is ``negatives``:
 * ``"contrast"`` -- each concept against its own negatives *and the other concepts'
   positives*: for concepts that share a theme (man and woman: 40% of OneSec's
   "man" positives mention women), it keeps the units that tell them apart.
+
+:func:`held_out_expertise` asks whether experts are found reliably: chosen on one
+half of a concept's sentences, do they keep their AP on the other half?
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .concepts import ConceptSet
 from .errors import InvalidArgumentError
+from .expertise import compute_expertise
 from .experts import ExpertSet
 from .models import LoadedModel
 from .responses import collect_responses
@@ -76,3 +81,36 @@ def _discover_contrast(model: LoadedModel, concepts: ConceptSet, collect: dict) 
     metadata = {"negatives": "own negatives + the other concepts' positives", "n_sentences": len(sentences)}
     return ExpertSet.from_responses(np.concatenate(blocks), concepts.contrasted().rows(sentences), model,
                                     unit_kind=collect["unit_kind"], metadata=metadata, progress=collect["progress"])
+
+
+def held_out_expertise(model: LoadedModel, concepts: ConceptSet, ks: Sequence[int], *, fraction: float = 0.5,
+                       seed: int = 0, cache_dir: str | Path | None = None) -> list[dict]:
+    """Per concept (with negatives) and k: the top-k experts chosen on a ``fraction`` of its sentences
+    (``ConceptSet.split``) and their AP on the rest, from the concept's cached responses.
+
+    Each row holds the mean AP on the choosing and held-out halves and their drop, the held-out
+    minimum, the held-out half's own top-k AP (the best possible there), chance (the held-out
+    positive rate), the share of above-chance AP kept, the overlap of the two top-k sets and the
+    halves' sizes (sentences).
+    """
+    table = []
+    for name in concepts.names:
+        whole = concepts.subset([name])  # the sentences discovery saw, so the responses come from the cache
+        responses = collect_responses(model, whole.sentences, cache_dir=cache_dir)
+        first, second = whole.split(fraction, seed=seed)
+        ap_a = compute_expertise(responses, first.rows(whole.sentences), progress=False).ap[0]
+        held = compute_expertise(responses, second.rows(whole.sentences), progress=False)
+        ap_b = held.ap[0]
+        chance = float(held.n_positives[0] / (held.n_positives[0] + held.n_negatives[0]))
+        order_a, order_b = np.argsort(-ap_a, kind="stable"), np.argsort(-ap_b, kind="stable")
+        for k in ks:
+            top_a, top_b = order_a[:k], order_b[:k]
+            a, b = float(ap_a[top_a].mean()), float(ap_b[top_a].mean())
+            kept = (b - chance) / (a - chance) if a > chance else float("nan")
+            table.append(dict(concept=name, k=k, ap_choosing=a, ap_held_out=b, ap_drop=a - b,
+                              ap_held_out_min=float(ap_b[top_a].min()), ap_held_out_own_topk=float(ap_b[top_b].mean()),
+                              chance=chance, kept_above_chance=kept,
+                              overlap=len(np.intersect1d(top_a, top_b)) / k,
+                              n_choosing=len(first.concepts[0].positives) + len(first.concepts[0].negatives),
+                              n_held_out=len(second.concepts[0].positives) + len(second.concepts[0].negatives)))
+    return table

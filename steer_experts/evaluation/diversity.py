@@ -176,3 +176,23 @@ def distinct_n(
     if not grams:
         raise ValueError(f"distinct_n: no text has {n} tokens, so there is no {n}-gram to count.")
     return len(set(grams)) / len(grams)
+
+
+def diversity_by_prompt(texts: Sequence[str], prompt_ids: Sequence, self_bleu_orders: Sequence[int] = (3, 4),
+                        distinct_orders: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
+    """Diversity of one set of generations: ``self_bleu<n>`` averaged over the prompts (texts of one
+    prompt against each other; prompts with one text are left out) and ``distinct<n>`` over all texts.
+    A measure with nothing to measure (no prompt with two texts, no text with n tokens) is NaN, not 0."""
+    by_prompt: dict = {}
+    for prompt, text in zip(prompt_ids, texts):
+        by_prompt.setdefault(prompt, []).append(text)
+    out = {}
+    for n in self_bleu_orders:
+        scores = [self_bleu(t, n=n) for t in by_prompt.values() if len(t) > 1]
+        out[f"self_bleu{n}"] = float(np.mean(scores)) if scores else float("nan")
+    for n in distinct_orders:
+        try:
+            out[f"distinct{n}"] = distinct_n(texts, n)
+        except ValueError:  # no text has n tokens: diversity is undefined, not zero
+            out[f"distinct{n}"] = float("nan")
+    return out

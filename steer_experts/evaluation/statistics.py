@@ -1,5 +1,6 @@
 """Uncertainty of measurements: percentile bootstrap intervals of means and rates, result rows
-with their intervals, and Spearman correlations with bootstrap intervals (plain and paired)."""
+with their intervals, where a curve over k (units steered) crosses zero, and Spearman
+correlations with bootstrap intervals (plain and paired)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,35 @@ def difference_row(a: np.ndarray, b: np.ndarray, prefix: str, seed: int, n_resam
                       for _ in range(n_resamples)])
     low, high = np.quantile(diffs, [0.025, 0.975])
     return {prefix: float(a.mean() - b.mean()), f"{prefix}_low": float(low), f"{prefix}_high": float(high)}
+
+
+# --------------------------------------------------------------------------- curves over k
+
+
+def finite_mean(values) -> float:
+    """Mean of the finite values; NaN when there is none (no scorer, or no continuation)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def crossing_k(ks: list[int], values: list[float]) -> float | None:
+    """The k where ``values`` first takes the opposite sign of values[0], linear in log(1 + k); None if never."""
+    start = np.sign(values[0])
+    if start == 0:
+        return float(ks[0])
+    for i in range(1, len(ks)):
+        if np.sign(values[i]) != start:
+            x0, x1 = np.log1p(ks[i - 1]), np.log1p(ks[i])
+            y0, y1 = values[i - 1], values[i]
+            x = x0 + (0.0 - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 else x1
+            return float(np.expm1(x))
+    return None
+
+
+def value_at_k(ks: list[int], values: list[float], k: float) -> float:
+    """``values`` (given on the grid ``ks``) interpolated at ``k``, linear in log(1 + k)."""
+    return float(np.interp(np.log1p(k), np.log1p(ks), values))
 
 
 # --------------------------------------------------------------------------- correlation

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluation.statistics import Correlation, spearman_with_ci
+from ..evaluation.statistics import Correlation, spearman_difference, spearman_with_ci
 from .similarity import SimilarityMatrix
 
 
@@ -182,3 +182,23 @@ def agreement_ceiling(path: str | Path) -> float:
         if line.replace(" ", "").startswith("correlation(men") and "=" in line:
             return float(line.rsplit("=", 1)[1])
     raise ValueError(f"{path} has no line 'correlation(men, ...)=<value>'; pass the ceiling as a number instead.")
+
+
+def compare_with_baselines(expert: dict, baselines: list[dict], matrices: dict[str, SimilarityMatrix],
+                           ratings: WordPairRatings, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Does ``expert`` beat every baseline at matching ``ratings``? Rows ``{"method", "rho"}`` name the
+    similarities in ``matrices``; the answer rests on paired bootstrap differences of Spearman's rho over
+    the shared pairs (one 95% interval per baseline), with the best baseline named."""
+    expert_values, scores = rated_pair_values(matrices[expert["method"]], ratings)
+    differences, beats_all = [], bool(baselines)
+    for b in baselines:
+        values, _ = rated_pair_values(matrices[b["method"]], ratings)
+        d = spearman_difference(expert_values, values, scores, n_boot=n_boot, seed=seed).to_dict()
+        differences.append({"baseline": b["method"], **d})
+        beats_all &= d["low"] is not None and d["low"] > 0
+    best = max(baselines, key=lambda r: r["rho"]) if baselines else {"method": "none", "rho": float("nan")}
+    answer = ("yes: above every baseline, paired 95% CI excludes 0" if beats_all else
+              "above every baseline in point estimate, not resolved for all" if expert["rho"] > best["rho"] else "no")
+    return {"expert": expert["method"], "expert_rho": expert["rho"], "best_baseline": best["method"],
+            "best_baseline_rho": best["rho"], "differences": differences, "beats_every_baseline": beats_all,
+            "answer": answer}

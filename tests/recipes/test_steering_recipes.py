@@ -124,14 +124,6 @@ def test_concept_induction(example_experts, smollm2, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- gender parity
 
 
-def test_parity_crossing_is_interpolated_in_log1p_k():
-    gp = recipe("gender_parity")
-    # from -0.5 at k=1 to +0.5 at k=3, halfway in log(1+k): log(1+k) = (log 2 + log 4) / 2, k = 2*sqrt(2) - 1
-    assert gp.crossing([0, 1, 3], [-1.0, -0.5, 0.5]) == pytest.approx(2 * math.sqrt(2) - 1)
-    assert gp.crossing([0, 1, 3], [0.2, 0.1, 0.05]) is None
-    assert gp.crossing([0, 10], [0.3, -0.3]) == pytest.approx(math.expm1(math.log(11) / 2))
-
-
 def test_gender_parity(example_experts, smollm2, tmp_path, monkeypatch):
     gp = recipe("gender_parity")
     out = tmp_path / "gp"
