@@ -157,7 +157,8 @@ class RunFolder:
         return rows
 
     def write(self, name: str, content: str | dict | list) -> str:
-        """Write ``content`` to ``name`` in the folder atomically (a dict or list as indented JSON); returns the text."""
+        """Write ``content`` to ``name`` in the folder atomically (a dict or list as indented JSON);
+        returns the text."""
         text = content if isinstance(content, str) else json.dumps(content, indent=1)
         write_text(self.root / name, text)
         return text

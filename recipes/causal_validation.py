@@ -52,7 +52,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from _common import LazyModel, RunFolder, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv  # noqa: E402
+from _common import (  # noqa: E402
+    LazyModel, RunFolder, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv,
+)
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.evaluation import (  # noqa: E402
     SteeredScorer, concept_presence, difference_row, distinct_forms, mean_row, next_word_probability, rate_row,
@@ -68,6 +70,7 @@ SILENCING = ("zero", "off_mean", "dampen", "clamp_down")
 
 
 def parse_args(argv: list[str] | None):
+    """The recipe's options (``argv``; None reads the command line), checked."""
     p = recipe_parser(__doc__)  # --concepts: discovery and the generalisation split
     p.add_argument("--ks", default="10,30,100,300", help="numbers of units ablated")
     p.add_argument("--values", default="zero,off_mean,dampen,clamp_down",
@@ -103,6 +106,7 @@ def parse_args(argv: list[str] | None):
 
 
 def grid(names: list[str], args) -> list[dict]:
+    """The ablation cells: per concept the unablated base, then every k, silencing and condition."""
     cells = []
     for concept in names:
         cells.append(dict(concept=concept, condition=BASE, value="none", k=0))
@@ -145,6 +149,7 @@ def run_cell(cell: dict, model, expert_set, args) -> list[dict]:
 
 
 def ablation_table(rows: list[dict], names: list[str], args) -> list[dict]:
+    """One row per concept and cell: p(concept) and its drop from the base, and p_next, with 95% intervals."""
     table = []
     for concept in names:
         words = concept_words(concept_word(concept))
@@ -194,6 +199,7 @@ def ablation_verdict(rows: list[dict], table: list[dict], concept: str, control:
 
 
 def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None:
+    """p(concept) against k, one panel per silencing (rows) and concept (columns), saved at ``path``."""
     fig, axes = plt.subplots(len(args.values), len(names), figsize=(max(6.5, 5 * len(names)), 3.8 * len(args.values)),
                              squeeze=False)
     for i, value in enumerate(args.values):
@@ -221,6 +227,7 @@ def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None
 
 
 def write_report(names, verdicts, general, args, run: RunFolder) -> str:
+    """The verdicts and their numbers as ``report.txt``; returns the text."""
     lines = [f"Causal validation on {args.model}. Ablation: {args.samples_per_prompt} samples per inviting prompt, "
              f"{args.max_new_tokens} tokens, T={args.temperature:g}, top-k {args.top_k}; gap = p(control ablated) - "
              "p(experts ablated) with a 95% bootstrap interval; p_next = probability that the continuation starts "

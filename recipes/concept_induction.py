@@ -60,6 +60,7 @@ BASE = "base"  # the k = 0 cell, shared by every concept and condition
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The recipe's options (``argv``; None reads the command line), checked."""
     p = recipe_parser(__doc__)
     p.add_argument("--ks", default="0,1,3,10,30,100,300,1000", help="numbers of experts")
     p.add_argument("--alphas", default="1.0", help="intervention strengths (1 = set to on_p50 exactly)")
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts: ``--prompts-file`` or the neutral prompts, cut to ``--n-prompts`` (at least 2)."""
     prompts = list(NEUTRAL_PROMPTS)
     if args.prompts_file:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -173,6 +175,7 @@ def curve_rows(rows: list[dict], concept: str, condition: str, alpha: float) -> 
 
 
 def metrics_table(rows, names, words, args) -> list[dict]:
+    """One row per concept, condition, alpha and k: the cell's metrics (see :func:`cell_metrics`)."""
     table = []
     for concept in names:
         for condition in ["experts", *args.controls]:
@@ -241,9 +244,11 @@ def _curves(table, concept: str, args):
 
 
 def plot_p_vs_k(table, names, args, path: Path) -> None:
+    """p(concept) against k with 95% intervals, one panel per concept, saved at ``path``."""
     def draw(ax, concept):
         for label, rows in _curves(table, concept, args):
-            err = [[r["p_concept"] - r["p_concept_low"] for r in rows], [r["p_concept_high"] - r["p_concept"] for r in rows]]
+            err = [[r["p_concept"] - r["p_concept_low"] for r in rows],
+                   [r["p_concept_high"] - r["p_concept"] for r in rows]]
             ax.errorbar([r["k"] for r in rows], [r["p_concept"] for r in rows], yerr=err, marker="o", ms=4, capsize=3,
                         label=label)
         ax.set_xscale("symlog", linthresh=1)
@@ -255,6 +260,7 @@ def plot_p_vs_k(table, names, args, path: Path) -> None:
 
 
 def plot_tradeoff(table, names, args, ppl_key: str, path: Path) -> None:
+    """p(concept) against mean perplexity (``ppl_key``), one panel per concept, saved at ``path``."""
     def draw(ax, concept):
         for label, rows in _curves(table, concept, args):
             ax.plot([r[ppl_key] for r in rows], [r["p_concept"] for r in rows], marker="o", ms=4, label=label)
@@ -273,10 +279,12 @@ def plot_tradeoff(table, names, args, ppl_key: str, path: Path) -> None:
 
 
 def interval(row: dict, key: str, digits: int = 2) -> str:
+    """``row[key]`` with its 95% interval, e.g. ``0.12 [0.05, 0.20]``."""
     return f"{row[key]:.{digits}f} [{row[key + '_low']:.{digits}f}, {row[key + '_high']:.{digits}f}]"
 
 
 def write_report(table, names, points, separations, ppl_key, args, run: RunFolder) -> str:
+    """The table, separations and operating points as ``report.txt``; returns the text."""
     n_prompts = table[0]["n"] // args.samples_per_prompt
     lines = [f"Concept induction on {args.model}: {args.samples_per_prompt} samples x {n_prompts} prompts per cell, "
              f"{args.max_new_tokens} new tokens, T={args.temperature:g}, top-k {args.top_k}, seed {args.seed}. Intervals: 95% bootstrap. Perplexity scorer: {ppl_key}."]

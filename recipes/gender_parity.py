@@ -67,6 +67,7 @@ MEASURES = ("next-token", "sampled", "both")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The recipe's options (``argv``; None reads the command line), checked."""
     p = recipe_parser(__doc__)
     p.add_argument("--woman", default="woman", help="the concept whose experts push toward she/her")
     p.add_argument("--man", default="man", help="the concept whose experts push toward he/his")
@@ -95,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def both_cases(words: tuple[str, ...]) -> list[str]:
+    """Each of ``words`` as written and capitalised ("she", "She", ...)."""
     return [w for word in words for w in (word, word.capitalize())]
 
 
@@ -192,6 +194,7 @@ def parity_table(table: list[dict], names: list[str], args, measure: str) -> lis
 
 
 def plot_delta(table: list[dict], names: list[str], args, measure: str, path: Path) -> None:
+    """delta_p against k, one thin line per occupation and their mean, one panel per concept, saved at ``path``."""
     def draw(ax, concept):
         for occupation in args.occupations:
             mine = sorted((r for r in table if r["concept"] == concept and r["occupation"] == occupation),
@@ -214,6 +217,7 @@ def plot_delta(table: list[dict], names: list[str], args, measure: str, path: Pa
 
 
 def write_report(parity: dict[str, list[dict]], args, run: RunFolder) -> str:
+    """The parity points by measure and concept as ``report.txt``; returns the text."""
     lines = [f"Gender parity on {args.model}: {len(args.occupations)} contexts \"{args.template}\", k grid {args.ks}, "
              f"alpha {args.alpha:g}. delta_p = p(she, her) - p(he, his). Parity: where delta_p crosses zero in "
              "the direction the experts push (woman: up, man: down), for contexts that lean the other way "

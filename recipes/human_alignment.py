@@ -51,6 +51,7 @@ MULTIPLES = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
 
 def parse_args(argv: list[str] | None):
+    """The recipe's options (``argv``; None reads the command line), checked, with the data defaults filled."""
     p = recipe_parser(__doc__, experts=False)  # --seed: negative sampling and bootstrap
     p.add_argument("--concepts", help="concept file or folder (ConceptSet.load); names must be the rated words")
     p.add_argument("--experts", help="use this saved ExpertSet instead of discovering (baselines need --concepts)")
@@ -94,8 +95,9 @@ def expert_set_for(args, concepts: ConceptSet | None, model: LazyModel) -> Exper
     saved = Path(args.experts) if args.experts else Path(args.out) / "experts"
     if (saved / "expert_set.json").exists():
         return ExpertSet.from_pretrained(saved)
-    expert_set = discover(model.get(), concepts, n_negatives=args.n_negatives, seed=args.seed, max_length=args.max_length,
-                          batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.quiet)
+    expert_set = discover(model.get(), concepts, n_negatives=args.n_negatives, seed=args.seed,
+                          max_length=args.max_length, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                          progress=not args.quiet)
     expert_set.save_pretrained(saved)
     return expert_set
 

@@ -30,7 +30,9 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 from _common import RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
-from steer_experts.lens.organisation import cluster, layer_distribution, read_categories, similarity_by_name  # noqa: E402
+from steer_experts.lens.organisation import (  # noqa: E402
+    cluster, layer_distribution, read_categories, similarity_by_name,
+)
 from steer_experts.lens.queries import label_neurons  # noqa: E402
 from steer_experts.lens.similarity import SimilarityMatrix, relative_taus  # noqa: E402
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma-separated; the first one is used "
                    "for the data splits")
     p.add_argument("--multiple", type=float, default=0.1, help="Jaccard at tau = r + m (1 - r)")
-    p.add_argument("--ratings", help="MEN ratings, for each model's alignment (default: MEN in the shared data; '' to skip)")
+    p.add_argument("--ratings", help="ratings for each model's alignment (default: MEN in the shared data; '' to skip)")
     p.add_argument("--n-negatives", type=int, default=1000)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
