@@ -99,12 +99,13 @@ def numbers(text: str, kind: Callable = int) -> list:
 
 
 def run_recipe(main: Callable) -> None:
-    """Run a recipe's ``main`` as a script: a library error prints one line and exits 2."""
+    """Run a recipe's ``main`` as a script: a library error prints one line and exits 2, as the CLI does."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         main()
     except SteerExpertsError as err:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {err}")
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 # --------------------------------------------------------------------------- run folder

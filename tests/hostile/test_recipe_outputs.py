@@ -3,13 +3,16 @@ with a one-line message and before any work, and leaves the folder as it was."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from steer_experts.errors import OutputFolderError
 
-from ..helpers import recipe
+from ..helpers import RECIPES, ROOT, recipe
 from .disk import tree
 
 EXTRA = {
@@ -30,3 +33,14 @@ def test_recipe_refuses_a_foreign_out_folder(name, tiny_folder, tmp_path):
                                "steer_experts did not write (chat_template.jinja, model.safetensors), which a save could overwrite. "
                                "Choose a new or empty --out folder.")
     assert tree(tmp_path) == before
+
+
+def test_a_recipe_run_as_a_script_from_elsewhere_says_one_line(tiny_folder, tmp_path):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_folder, out)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(RECIPES / "organisation.py"), "--out", str(out), "--experts", "nowhere"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("organisation.py: error: Refusing to write the run output into")
+    assert len(done.stderr.strip().splitlines()) == 1
