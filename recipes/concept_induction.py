@@ -1,6 +1,6 @@
 """Concept induction: does setting a concept's experts make the model write about it?
 
-For each concept, sample continuations of neutral prompts (recipes/prompts.py,
+For each concept, sample continuations of neutral prompts (``evaluation.prompts``,
 nothing in them invites the concept) from the model steered with do(c, k) --
 the top-k experts set to their median response on the concept (``on_p50``) at
 every position -- over a grid of k (and optionally alpha). The same grid is run
