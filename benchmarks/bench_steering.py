@@ -8,7 +8,7 @@ EOS cannot end one side early); runs alternate in order to share the machine's
 noise. Sides: plain ``model.generate``; the same expert interventions as plain
 torch forward pre-hooks (what steering costs without pyvene); and
 ``SteeredModel.generate`` (pyvene) for experts set to a value, experts clamped
-up (``mode="clamp"``), and DiffMean (a random unit direction added at layer 25;
+up (``mode="clamp"``), experts shifted (``mode="add"``), and DiffMean (a random unit direction added at layer 25;
 its speed does not depend on the direction). Prints tokens/s of each and the ratios to
 plain, by process CPU time (the figure to trust on a shared machine: other
 processes' load does not count) and by wall-clock time.
@@ -64,6 +64,8 @@ def main() -> None:
     experts = synthetic_experts(loaded)
     steered = steer(loaded, experts, "football", per_layer=args.per_layer)
     clamped = steer(loaded, experts, "football", per_layer=args.per_layer, mode="clamp")
+    shifts = np.random.default_rng(1).normal(0.0, 0.1, experts.n_units)
+    shifted = steer(loaded, experts, "football", per_layer=args.per_layer, mode="add", alpha=4.0, shifts=shifts)
     direction = np.random.default_rng(0).normal(size=loaded.model.config.hidden_size)
     diffmean = DiffMeanSteeredModel(loaded, "football", 25, 0.4, 100.0, direction / np.linalg.norm(direction))
     batch = loaded.tokenizer((PROMPTS * args.batch)[:args.batch], return_tensors="pt", padding=True,
@@ -90,7 +92,7 @@ def main() -> None:
         return lambda seed: model.generate(batch["input_ids"], batch["attention_mask"], seed=seed, **settings)
 
     sides = {"plain": plain, "torch hooks": hooked, "steered": run_of(steered), "clamp": run_of(clamped),
-             "diffmean": run_of(diffmean)}
+             "add": run_of(shifted), "diffmean": run_of(diffmean)}
     for run in sides.values():  # warm-up: allocator, first-call setup
         run(0)
     times = {(name, clock): [] for name in sides for clock in ("cpu", "wall")}
@@ -111,7 +113,7 @@ def main() -> None:
             runs = ", ".join(f"{t:.2f}s" for t in times[name, clock])
             print(f"{clock:4s} {name:11s} {speed[name, clock]:7.1f} tokens/s  "
                   f"{speed[name, clock] / speed['plain', clock]:.3f}x plain  (runs: {runs})")
-        for name in ("steered", "clamp", "diffmean"):
+        for name in ("steered", "clamp", "add", "diffmean"):
             print(f"{clock:4s} ratio {name} / plain: {speed[name, clock] / speed['plain', clock]:.3f}x "
                   "(target >= 0.95x)")
 

@@ -85,10 +85,11 @@ METHODS = (*EXPERT_VARIANTS, "random", "diffmean", "prompt")
 
 
 def default_grid(n_layers: int) -> dict[str, list[dict]]:
-    """Each method's settings, weakest first. DiffMean gets 24 cells, the expert variants 26.
+    """Each method's settings, weakest first. DiffMean gets 28 cells, the expert variants 29.
 
-    DiffMean's deepest two layers, where its best settings were on every concept measured,
-    also get factors 0.3 and 0.6, as the experts get two alphas."""
+    Both got finer steps where their dev frontiers were steep, after the first football and
+    woman sweeps: DiffMean factors 0.15-0.6 at its deepest two layers (where its best settings
+    were on every concept measured), the shifted experts alpha 3."""
     ks = (10, 30, 100, 300)
     layers = sorted({round(n_layers * f) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6)})
     return {
@@ -96,10 +97,11 @@ def default_grid(n_layers: int) -> dict[str, list[dict]]:
         "experts_late": [dict(k=k) for k in ks],
         "experts_clamp": [dict(k=k) for k in ks[1:]],
         "experts_aligned": [dict(k=k) for k in ks],
-        "experts_add": [dict(k=k, alpha=a) for k in (100, 300, 1000) for a in (2.0, 4.0, 8.0)],
+        "experts_add": [dict(k=k, alpha=a) for k in (100, 300, 1000) for a in (2.0, 3.0, 4.0, 8.0)],
         "random": [dict(k=k) for k in (30, 100)],
         "diffmean": [dict(layer=layer, factor=f) for layer in layers
-                     for f in ((0.1, 0.2, 0.3, 0.4, 0.6, 0.8) if layer in layers[-2:] else (0.1, 0.2, 0.4, 0.8))],
+                     for f in ((0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 0.8) if layer in layers[-2:]
+                               else (0.1, 0.2, 0.4, 0.8))],
         "prompt": [{}],
     }
 

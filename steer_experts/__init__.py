@@ -18,7 +18,7 @@ from .experts import ExpertSelection, ExpertSet, ModelMismatchError
 from .discovery import discover
 from .interventions import ExpertIntervention
 from .steering import ExpertSteeredModel, SteeredModel, steer
-from .diffmean import ResidualMeans, residual_means, steer_diffmean
+from .diffmean import ResidualMeans, residual_means, steer_diffmean, unit_shifts
 from .prompting import steer_prompt
 from .calibration import calibrate
 from .hub import HubUnavailableError
@@ -33,7 +33,7 @@ __all__ = [
     "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",
     "ExpertIntervention",
     "ExpertSteeredModel", "SteeredModel", "steer",
-    "ResidualMeans", "residual_means", "steer_diffmean", "steer_prompt", "calibrate",
+    "ResidualMeans", "residual_means", "steer_diffmean", "unit_shifts", "steer_prompt", "calibrate",
     "HubUnavailableError",
 ]
 __version__ = "0.1.0"
