@@ -7,7 +7,9 @@ Two tests per concept, each ending in a one-line verdict with its numbers.
    to zero, or to their mean response on the negatives (``off_mean``), or dampen
    them AurA-style (``dampen``: z <- z (1 - 2 (AUROC - 0.5)), toward zero), or clamp
    them down per token (``clamp_down``: z <- min(z, off_mean), so a unit never
-   exceeds its typical response on negatives and is never raised) -- and compare
+   exceeds its typical response on negatives and is never raised), or shift them
+   down per token (``shift_down``: z <- z - alpha x (token-level mean on positives
+   minus on negatives), ``steer(..., suppress="add")``, alpha ``--shift-alpha``) -- and compare
    with treating k random units the same way (``--controls``). Note that
    ``off_mean`` is a mean of *sentence maxima* (responses are max-pooled), which
    lies above a unit's typical per-token value: setting a unit to it at every
@@ -41,6 +43,7 @@ ablation.png. Resumable (ablation cells are skipped when done).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -56,6 +59,7 @@ from _common import (  # noqa: E402
     LazyModel, RunFolder, experts_for, numbers, parse, recipe_parser, run_recipe, write_csv,
 )
 from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.diffmean import unit_shifts  # noqa: E402
 from steer_experts.evaluation import (  # noqa: E402
     SteeredScorer, concept_presence, difference_row, distinct_forms, mean_row, next_word_probability, rate_row,
 )
@@ -66,16 +70,18 @@ from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word, concept_words  # noqa: E402
 
 BASE = "base"
-SILENCING = ("zero", "off_mean", "dampen", "clamp_down")
+SILENCING = ("zero", "off_mean", "dampen", "clamp_down", "shift_down")
 
 
 def parse_args(argv: list[str] | None):
     """The recipe's options (``argv``; None reads the command line), checked."""
     p = recipe_parser(__doc__)  # --concepts: discovery and the generalisation split
     p.add_argument("--ks", default="10,30,100,300", help="numbers of units ablated")
-    p.add_argument("--values", default="zero,off_mean,dampen,clamp_down",
+    p.add_argument("--values", default="zero,off_mean,dampen,clamp_down,shift_down",
                    help="how units are silenced: zero, off_mean (set to that value), dampen (AurA factor), "
-                        "clamp_down (z <- min(z, off_mean) per token)")
+                        "clamp_down (z <- min(z, off_mean) per token), shift_down (z <- z - alpha x token-level "
+                        "mean difference)")
+    p.add_argument("--shift-alpha", type=float, default=4.0, help="alpha of shift_down (> 0)")
     p.add_argument("--controls", default="random", help="controls: random, lowest")
     p.add_argument("--samples-per-prompt", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=20)
@@ -93,6 +99,8 @@ def parse_args(argv: list[str] | None):
     args.split_ks = sorted(set(numbers(args.split_ks)))
     args.values = numbers(args.values, str)
     args.controls = numbers(args.controls, str)
+    if args.shift_alpha <= 0:
+        p.error("--shift-alpha must be > 0")
     if any(v not in SILENCING for v in args.values):
         p.error(f"--values takes some of {', '.join(SILENCING)}")
     if any(c not in ("random", "lowest") for c in args.controls):
@@ -113,7 +121,9 @@ def grid(names: list[str], args) -> list[dict]:
         for k in args.ks:
             for value in args.values:
                 for condition in ["experts", *args.controls]:
-                    cells.append(dict(concept=concept, condition=condition, value=value, k=k))
+                    # alpha names the cell, so cells of another alpha are never mixed in
+                    alpha = dict(alpha=args.shift_alpha) if value == "shift_down" else {}
+                    cells.append(dict(concept=concept, condition=condition, value=value, k=k, **alpha))
     return cells
 
 
@@ -123,11 +133,15 @@ def concept_forms(concept: str) -> list[str]:
     return list(dict.fromkeys(f for w in forms for f in (w, w.capitalize())))
 
 
-def run_cell(cell: dict, model, expert_set, args) -> list[dict]:
-    """One ablation cell: sampled continuations of the inviting prompts and the next-word probability."""
+def run_cell(cell: dict, model, expert_set, shifts, args) -> list[dict]:
+    """One ablation cell: sampled continuations of the inviting prompts and the next-word probability.
+    ``shifts(concept)`` gives the concept's unit shifts (for ``shift_down``)."""
     prompts = list(inviting_prompts(cell["concept"]))
     control = cell["condition"] if cell["condition"] in ("random", "lowest") else None
-    if cell["value"] == "clamp_down":
+    if cell["value"] == "shift_down":
+        steered = steer(model, expert_set, {cell["concept"]: -1.0}, k=cell["k"], alpha=cell["alpha"],
+                        suppress="add", shifts=shifts(cell["concept"]), control=control, seed=args.seed)
+    elif cell["value"] == "clamp_down":
         steered = steer(model, expert_set, {cell["concept"]: -1.0}, k=cell["k"], suppress="clamp", control=control,
                         seed=args.seed)
     else:
@@ -293,8 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
         ids = [RunFolder.cell_id(**c) for c in cells]
         todo = [(c, i) for c, i in zip(cells, ids) if not run.done(i)]
         cells_generated = len(todo)
+        concept_set = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
+        shifts = functools.cache(lambda name: unit_shifts(model, expert_set, concept_set[name]))
         for cell, cell_id in tqdm(todo, desc="ablation cells", unit="cell"):
-            run.write_cell(cell_id, run_cell(cell, model, expert_set, args))
+            run.write_cell(cell_id, run_cell(cell, model, expert_set, shifts, args))
         rows = run.all_rows(ids)
         table = ablation_table(rows, names, args)
         write_csv(out / "ablation.csv", table)

@@ -30,6 +30,7 @@ Every mode moves unit z toward a target v with a per-unit weight w,
   token-level difference of mean responses, positives minus negatives
   (:func:`steer_experts.diffmean.unit_shifts`): each expert moves by what the concept
   adds to it on an average token, rather than to a value pooled over a sentence.
+  As a suppression mode it subtracts the same shift, z <- z - alpha v.
 
 Several concepts: pass ``{"football": +1, "woman": -1}``. A positive strength s
 steers toward the concept with ``mode`` and weight scale alpha * s; a negative
@@ -75,7 +76,7 @@ from .models import LoadedModel
 from .units import UnitSite, locate_units
 
 MODES = ("set", "dampen", "ablate", "clamp", "add")
-SUPPRESS_MODES = ("dampen", "ablate", "clamp")
+SUPPRESS_MODES = ("dampen", "ablate", "clamp", "add")
 POSITIONS = ("all", "prompt", "generated")
 ABLATE_VALUES = ("zero", "off_mean")
 FORMAT_VERSION = 2
@@ -174,7 +175,9 @@ def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bo
     """(weight, target, bound) per selected unit for one concept under ``mode``."""
     n = len(selection)
     if mode == "add":
-        return np.full(n, scale, np.float32), shifts[selection.units].astype(np.float32), np.full(n, 2.0, np.float32)
+        sign = 1.0 if toward else -1.0
+        return (np.full(n, scale, np.float32), (sign * shifts[selection.units]).astype(np.float32),
+                np.full(n, 2.0, np.float32))
     if mode == "dampen":
         gini = 2.0 * (selection.auroc.astype(np.float64) - 0.5)
         weight = np.where(selection.auroc > 0.5, scale * gini, 0.0)
@@ -229,7 +232,8 @@ def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | N
     """Select each concept's experts and turn them into per-unit (weight, target, bound) rows.
 
     ``scores`` (one per unit, one concept only) ranks the experts instead of AP;
-    ``shifts`` (one per unit, activation units) are what ``mode="add"`` adds.
+    ``shifts`` (one per unit, activation units) are what ``mode="add"`` adds (and
+    ``suppress="add"`` subtracts).
 
     Raises KeyError for an unknown concept and ValueError for any other bad
     argument (k larger than the units available, alpha NaN, unknown mode...).
@@ -239,8 +243,12 @@ def plan_steering(experts: ExpertSet, spec: SteeringSpec, scores: np.ndarray | N
         raise ValueError("Pass scores exactly when spec.rank == 'scores'.")
     if scores is not None and len(spec.concepts) != 1:
         raise ValueError("scores rank the units of one concept; steer one concept at a time with them.")
-    if (shifts is not None) != (spec.mode == "add"):
-        raise ValueError("mode='add' takes shifts (one per unit, e.g. diffmean.unit_shifts), and only it does.")
+    strengths = spec.concepts.values()
+    shifting = (spec.mode == "add" and any(s > 0 for s in strengths)) or (
+        spec.suppress == "add" and any(s < 0 for s in strengths))
+    if (shifts is not None) != shifting:
+        raise ValueError("mode='add' (and suppress='add') takes shifts (one per unit, e.g. diffmean.unit_shifts), "
+                         "and only it does.")
     if shifts is not None:
         shifts = np.asarray(shifts, dtype=np.float64)
         if len(spec.concepts) != 1 or shifts.shape != (experts.n_units,) or not np.isfinite(shifts).all():
@@ -318,14 +326,15 @@ def steer(
         mode: ``"set"``, ``"dampen"``, ``"ablate"``, ``"clamp"`` or ``"add"`` (module docstring).
         value: target statistic: for ``"set"``/``"clamp"`` one of ``VALUE_STATS`` (default
             ``"on_p50"``); for ``"ablate"`` ``"zero"`` (default) or ``"off_mean"``.
-        suppress: mode for negative strengths: ``"dampen"``, ``"ablate"`` (to zero) or
-            ``"clamp"`` (down to ``off_mean``).
+        suppress: mode for negative strengths: ``"dampen"``, ``"ablate"`` (to zero),
+            ``"clamp"`` (down to ``off_mean``) or ``"add"`` (z <- z - alpha x shift).
         positions: default for :meth:`SteeredModel.generate`: ``"all"``, ``"prompt"``, ``"generated"``.
         layers: only units of these layers are candidates (None: all layers).
         scores: one number per unit that ranks the experts instead of AP, for one concept
             (e.g. :func:`steer_experts.diffmean.aligned_scores`).
-        shifts: for ``mode="add"``, one number per unit (activation units) added with weight
-            alpha, for one concept (e.g. :func:`steer_experts.diffmean.unit_shifts`).
+        shifts: for ``mode="add"`` (``suppress="add"``), one number per unit (activation units)
+            added (subtracted) with weight alpha, for one concept (e.g.
+            :func:`steer_experts.diffmean.unit_shifts`).
         control, seed: ``"random"``/``"lowest"`` units instead of experts (with ``k``).
 
     Returns:

@@ -184,9 +184,21 @@ def test_add_mode_equals_plain_hook(tiny_model):
 
 def test_add_mode_needs_one_shift_per_unit(tiny_llama):
     experts = synthetic_experts(tiny_llama)
-    with pytest.raises(ValueError, match="mode='add' takes shifts"):
+    with pytest.raises(ValueError, match="mode='add' .* takes shifts"):
         steer(tiny_llama, experts, "football", k=3, mode="add")
     with pytest.raises(ValueError, match="one per unit"):
         steer(tiny_llama, experts, "football", k=3, mode="add", shifts=np.ones(5))
-    with pytest.raises(ValueError, match="mode='add' takes shifts"):
+    with pytest.raises(ValueError, match="mode='add' .* takes shifts"):
         steer(tiny_llama, experts, "football", k=3, shifts=np.ones(experts.n_units))
+    with pytest.raises(ValueError, match="mode='add' .* takes shifts"):
+        steer(tiny_llama, experts, {"football": -1}, k=3, suppress="add")
+
+
+def test_suppress_add_subtracts_the_shift(tiny_llama):
+    experts = synthetic_experts(tiny_llama)
+    shifts = np.random.default_rng(0).normal(size=experts.n_units)
+    down = steer(tiny_llama, experts, {"football": -2.0}, k=7, alpha=1.5, suppress="add", shifts=shifts)
+    selection = experts.select("football", k=7)
+    order = np.lexsort((selection.neuron, selection.layer))  # the plan is sorted by (layer, neuron)
+    np.testing.assert_allclose(down.plan.target, -shifts[selection.units[order]].astype(np.float32))
+    assert set(down.plan.weight.tolist()) == {3.0} and set(down.plan.bound.tolist()) == {2.0}

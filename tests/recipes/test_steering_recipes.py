@@ -188,16 +188,17 @@ def test_causal_validation(example_experts, smollm2, tmp_path, monkeypatch, resp
     cv = recipe("causal_validation")
     out = tmp_path / "cv"
     argv = ["--out", str(out), "--experts", str(example_experts), "--concepts", str(EXAMPLES),
-            "--concept", "football", "--ks", "3", "--values", "zero,dampen,clamp_down", "--split-ks", "3,10",
+            "--concept", "football", "--ks", "3", "--values", "zero,dampen,clamp_down,shift_down", "--split-ks", "3,10",
             "--samples-per-prompt", "1", "--max-new-tokens", "3", "--n-boot", "200",
             "--cache-dir", str(response_cache)]
     summary = cv.main(argv)
-    assert summary["cells_generated"] == 7  # base, then experts and random silenced three ways at k=3
+    assert summary["cells_generated"] == 9  # base, then experts and random silenced four ways at k=3
 
     table = read_csv(out / "ablation.csv")
     assert [(r["condition"], r["value"], r["k"]) for r in table] == [
         ("base", "none", "0"), ("experts", "zero", "3"), ("random", "zero", "3"), ("experts", "dampen", "3"),
-        ("random", "dampen", "3"), ("experts", "clamp_down", "3"), ("random", "clamp_down", "3")]
+        ("random", "dampen", "3"), ("experts", "clamp_down", "3"), ("random", "clamp_down", "3"),
+        ("experts", "shift_down", "3"), ("random", "shift_down", "3")]
     for r in table:
         assert 0 <= float(r["p_concept_low"]) <= float(r["p_concept"]) <= float(r["p_concept_high"]) <= 1
         assert 0 <= float(r["p_next"]) <= 1
