@@ -111,7 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contrast", action="store_true",
                    help="add the other concepts' positives to each concept's negatives (experts, DiffMean, classifier)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--grid", help="JSON {method: [settings...]} replacing the default grid of those methods")
+    p.add_argument("--grid", help="JSON {method: [settings...]}, or a .json file of it, replacing the default "
+                                  "grid of those methods (e.g. recipes/grids/contrast.json)")
     p.add_argument("--n-prompts", type=int, default=len(FRONTIER_PROMPTS),
                    help=f"neutral prompts used, split in half (at most {len(FRONTIER_PROMPTS)})")
     p.add_argument("--samples-per-prompt", type=int, default=5)
@@ -139,9 +140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.samples_per_prompt < 1 or args.max_new_tokens < 1 or not args.ppl_budgets or min(args.ppl_budgets) <= 1:
         p.error("--samples-per-prompt and --max-new-tokens must be >= 1, every --ppl-budgets value > 1")
     try:
+        if args.grid and args.grid.endswith(".json"):
+            args.grid = Path(args.grid).read_text()
         args.grid = json.loads(args.grid) if args.grid else {}
     except json.JSONDecodeError as err:
         p.error(f"--grid is not JSON: {err}")
+    except OSError as err:
+        p.error(f"--grid file cannot be read: {err}")
     return args
 
 
