@@ -84,6 +84,34 @@ def tiny_model(request, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def bos_tokenizer(tokenizer):
+    """SmolLM2's tokenizer made to start every text with its BOS token, as Llama's and Gemma's do.
+
+    SmolLM2's own adds no special token, so with it alone nothing can tell whether special
+    tokens are pooled or steered like words."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos = copy.deepcopy(tokenizer)
+    bos._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos.bos_token} $A", pair=f"{bos.bos_token} $A {bos.bos_token} $B",
+        special_tokens=[(bos.bos_token, bos.bos_token_id)])
+    assert bos("a dog")["input_ids"][0] == bos.bos_token_id != tokenizer("a dog")["input_ids"][0]
+    return bos
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_model(bos_tokenizer):
+    """A tiny random llama whose tokenizer adds a BOS token, as a LoadedModel."""
+    from steer_experts.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(bos_tokenizer)), dtype=torch.float32).eval()
+    return LoadedModel.from_hf(model, bos_tokenizer, name="tiny-llama-bos")
+
+
+@pytest.fixture(scope="session")
 def onesec():
     """The three real OneSec concepts (football, man, woman)."""
     if not ONESEC.is_dir():
