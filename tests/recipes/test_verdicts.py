@@ -35,6 +35,7 @@ def _cells(mentions: dict[tuple[str, int], int], n: int = 20):
     (20, 0, 10, 10, False, True, None),  # silencing 3 experts raises it: reversed, never shown
     (10, 10, 10, 10, False, False, None),  # no difference: not shown either way
     (0, 20, 20, 0, True, True, 3),       # one k each way: both flags, the first YES at k = 3
+    (9, 11, 11, 9, False, False, None),  # gaps of +-0.1 on 20 samples: intervals hold 0, nothing shown
 ])
 def test_ablation_verdict_follows_the_gap_intervals(experts_k3, random_k3, experts_k10, random_k10, supported,
                                                     reversed_, first_k):
