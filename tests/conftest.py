@@ -22,7 +22,33 @@ MEN = SHARED_DATA / "human" / "men"
 NO_SHARED_DATA = (f"real concept data not found at {ONESEC.resolve()} (set STEER_EXPERTS_DATA, or put the "
                   "shared data beside the checkout, as CI does)")
 
-needs_shared_data = pytest.mark.skipif(not ONESEC.is_dir(), reason=NO_SHARED_DATA)
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (``$CI`` set and not "0"/"false", as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_shared_data(reason: str):
+    """Skip the test for lack of the shared data, or fail it in CI: there the data must be present, and a
+    green run that skipped every test on real data would claim what it never checked."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI is set: the shared data is required there]", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_data(path: Path, reason: str | None = None):
+    """Mark a test (or a module, as ``pytestmark``) that reads ``path`` of the shared data."""
+    return pytest.mark.needs_data(path=Path(path), reason=reason or f"shared data not found at {Path(path).resolve()}")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_data"):
+        if not mark.kwargs["path"].exists():
+            missing_shared_data(mark.kwargs["reason"])
+
+
+needs_shared_data = needs_data(ONESEC, NO_SHARED_DATA)
 
 TINY = dict(hidden=32, inner=48, layers=2, heads=4)
 
@@ -115,7 +141,7 @@ def tiny_bos_model(bos_tokenizer):
 def onesec():
     """The three real OneSec concepts (football, man, woman)."""
     if not ONESEC.is_dir():
-        pytest.skip(NO_SHARED_DATA)
+        missing_shared_data(NO_SHARED_DATA)
     from steer_experts.concepts import ConceptSet
 
     return ConceptSet.load(ONESEC)
