@@ -324,3 +324,4 @@ def test_unknown_concept_lists_the_known_ones():
     with pytest.raises(KeyError) as err:
         found.index("basketball")
     assert err.value.args[0] == "unknown concept 'basketball'; known concepts: football, woman"
+
