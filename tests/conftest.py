@@ -22,7 +22,33 @@ MEN = SHARED_DATA / "human" / "men"
 NO_SHARED_DATA = (f"real concept data not found at {ONESEC.resolve()} (set STEER_EXPERTS_DATA, or put the "
                   "shared data beside the checkout, as CI does)")
 
-needs_shared_data = pytest.mark.skipif(not ONESEC.is_dir(), reason=NO_SHARED_DATA)
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI (``$CI`` set and not "0"/"false", as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_shared_data(reason: str):
+    """Skip the test for lack of the shared data, or fail it in CI: there the data must be present, and a
+    green run that skipped every test on real data would claim what it never checked."""
+    if in_ci():
+        pytest.fail(f"{reason} [CI is set: the shared data is required there]", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs_data(path: Path, reason: str | None = None):
+    """Mark a test (or a module, as ``pytestmark``) that reads ``path`` of the shared data."""
+    return pytest.mark.needs_data(path=Path(path), reason=reason or f"shared data not found at {Path(path).resolve()}")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs_data"):
+        if not mark.kwargs["path"].exists():
+            missing_shared_data(mark.kwargs["reason"])
+
+
+needs_shared_data = needs_data(ONESEC, NO_SHARED_DATA)
 
 TINY = dict(hidden=32, inner=48, layers=2, heads=4)
 
@@ -84,10 +110,38 @@ def tiny_model(request, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def bos_tokenizer(tokenizer):
+    """SmolLM2's tokenizer made to start every text with its BOS token, as Llama's and Gemma's do.
+
+    SmolLM2's own adds no special token, so with it alone nothing can tell whether special
+    tokens are pooled or steered like words."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos = copy.deepcopy(tokenizer)
+    bos._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos.bos_token} $A", pair=f"{bos.bos_token} $A {bos.bos_token} $B",
+        special_tokens=[(bos.bos_token, bos.bos_token_id)])
+    assert bos("a dog")["input_ids"][0] == bos.bos_token_id != tokenizer("a dog")["input_ids"][0]
+    return bos
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_model(bos_tokenizer):
+    """A tiny random llama whose tokenizer adds a BOS token, as a LoadedModel."""
+    from steer_experts.models import LoadedModel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(bos_tokenizer)), dtype=torch.float32).eval()
+    return LoadedModel.from_hf(model, bos_tokenizer, name="tiny-llama-bos")
+
+
+@pytest.fixture(scope="session")
 def onesec():
     """The three real OneSec concepts (football, man, woman)."""
     if not ONESEC.is_dir():
-        pytest.skip(NO_SHARED_DATA)
+        missing_shared_data(NO_SHARED_DATA)
     from steer_experts.concepts import ConceptSet
 
     return ConceptSet.load(ONESEC)

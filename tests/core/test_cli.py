@@ -7,6 +7,8 @@ import pytest
 from steer_experts.cli import main
 from steer_experts.experts import ExpertSet
 
+from .test_interventions import tiny_llama  # noqa: F401 (a fixture)
+
 
 @pytest.fixture(scope="module")
 def example_dir(smollm2, tmp_path_factory):
@@ -115,3 +117,51 @@ def test_generate_with_variants_baselines_and_a_stored_operating_point(example_d
     assert main(["generate", "--experts", str(folder), "--concept", "football", "--auto",
                  "--max-perplexity-ratio", "3", "Hello"]) == 2
     assert "pass --concepts FILE" in capsys.readouterr().err
+
+
+def _printed_columns(printed: str) -> tuple[str, str]:
+    """The two columns of `generate`'s side-by-side table, each joined back into one text."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("unsteered")) + 2  # heading, rule
+    rows = [line.split(" | ", 1) for line in lines[start:] if " | " in line]
+    return tuple(" ".join(part.strip() for part in column if part.strip()) for column in zip(*rows))
+
+
+def test_generate_prints_the_unsteered_and_the_steered_text_in_their_columns(tiny_llama, tmp_path, capsys,
+                                                                             monkeypatch):
+    """The left column is the plain model's greedy continuation, the right one the continuation with the
+    top-k experts set to on_p50, each generated here by plain transformers (hooks for the steered one)."""
+    import textwrap
+
+    import numpy as np
+    import torch
+
+    from .test_interventions import synthetic_experts
+    from .test_steering import lerp_reference_hooks
+
+    experts = synthetic_experts(tiny_llama)
+    experts.save_pretrained(tmp_path / "experts")
+    monkeypatch.setattr("steer_experts.models.load_model", lambda *a, **k: tiny_llama)
+    prompt = "The weather today"
+    assert main(["generate", "--experts", str(tmp_path / "experts"), "--concept", "football", "--k", "40",
+                 "--max-new-tokens", "8", "--greedy", prompt]) == 0
+    left, right = _printed_columns(capsys.readouterr().out)
+
+    tok = tiny_llama.tokenizer
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+
+    def continuation():
+        out = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                        do_sample=False, pad_token_id=tok.pad_token_id)
+        return " ".join(textwrap.wrap(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), 48))
+
+    plain = continuation()
+    top = np.argsort(-experts.expertise.ap[0], kind="stable")[:40]
+    handles = lerp_reference_hooks(tiny_llama.model, top, np.ones(40), experts.expertise.on_p50[0, top])
+    try:
+        steered = continuation()
+    finally:
+        for h in handles:
+            h.remove()
+    assert plain != steered  # else the columns could be swapped unseen
+    assert (left, right) == (plain, steered)

@@ -259,3 +259,69 @@ def test_index_and_subset(tied_case):
         np.testing.assert_array_equal(getattr(part, name), getattr(got, name)[[4, 0]])
     np.testing.assert_array_equal(part.n_positives, got.n_positives[[4, 0]])
     np.testing.assert_array_equal(part.n_negatives, got.n_negatives[[4, 0]])
+
+
+# ----------------------------------------------------------------------------- what a bad input is told
+
+
+class _Columns:
+    """A response source read by columns, as compute_expertise accepts one (it may live on disk)."""
+
+    def __init__(self, shape, columns):
+        self.shape, self._columns = shape, columns
+
+    def columns(self, start, stop):
+        return self._columns(start, stop)
+
+
+def _two_concepts(n_rows):
+    return ConceptRows(["football", "woman"], [np.arange(0, 4), np.arange(4, 8)],
+                       [np.arange(4, n_rows), np.r_[np.arange(0, 4), np.arange(8, n_rows)]])
+
+
+def test_nan_responses_name_the_units_that_hold_them():
+    """NaN in units 12 and 14 of a block read from unit 10 on: both counted, the first named by its
+    index in the whole matrix (not in its block), and the whole message is as documented."""
+    responses = np.random.default_rng(0).normal(size=(20, 30)).astype(np.float32)
+    responses[3, 12] = responses[17, 14] = np.nan
+    with pytest.raises(ValueError) as err:
+        compute_expertise(responses, _two_concepts(20), block_units=10, progress=False)
+    assert str(err.value) == ("responses contain NaN in 2 units, e.g. unit 12; "
+                              "recompute or drop those units before scoring expertise")
+
+
+def test_a_column_source_of_the_wrong_shape_is_named():
+    """A response source whose columns(start, stop) returns too few units is refused with both shapes."""
+    source = _Columns((20, 30), lambda start, stop: np.zeros((20, max(stop - start - 1, 0)), np.float32))
+    with pytest.raises(ValueError) as err:
+        compute_expertise(source, _two_concepts(20), block_units=8, progress=False)
+    assert str(err.value) == "responses.columns(0, 8) returned shape (20, 7), expected (20, 8)"
+
+
+def test_more_than_2_28_sentences_are_refused_before_reading():
+    """The sort keys pack a sentence rank into 28 bits: 2**28 sentences are one too many, said before any
+    response is read."""
+    def never(start, stop):
+        raise AssertionError("responses were read")
+    with pytest.raises(ValueError) as err:
+        compute_expertise(_Columns((2**28, 4), never), ConceptRows(["football"], [np.arange(4)], [np.arange(4, 8)]),
+                          progress=False)
+    assert str(err.value) == f"at most 2**28 sentences are supported, got {2**28}"
+
+
+@pytest.mark.parametrize("n_concepts", [1, 3, 7])
+@pytest.mark.parametrize("step", [-2, -1, 0, 1, 2])
+def test_sort_keys_fit_their_integer_type(n_concepts, step):
+    """The keys 4 ((N + 1) c + rank) + code, rank <= N, code <= 3, reach 4 (N + 1) C - 1: the integer
+    type chosen for them holds that, for N around the int32 limit."""
+    n_rows = 2**31 // (4 * n_concepts) - 1 + step
+    largest_key = 4 * (n_rows + 1) * n_concepts - 1
+    assert np.iinfo(expertise._key_dtype(n_concepts, n_rows)).max >= largest_key
+
+
+def test_unknown_concept_lists_the_known_ones():
+    found = compute_expertise(np.random.default_rng(0).normal(size=(12, 3)), _two_concepts(12), progress=False)
+    with pytest.raises(KeyError) as err:
+        found.index("basketball")
+    assert err.value.args[0] == "unknown concept 'basketball'; known concepts: football, woman"
+

@@ -177,3 +177,39 @@ def test_push_offline_is_a_clear_error(es):
 
     with pytest.raises(HubUnavailableError, match="nothing can be pushed"):
         es.push_to_hub("someone/football-experts")
+
+
+# ----------------------------------------------------------------------------- discover's options
+
+
+def test_discover_honours_pooling_length_negatives_and_seed_and_records_them(tiny_bos_model, tmp_path):
+    """discover(pooling="mean", max_length=6, n_negatives=7, seed=3) scores each concept's units as sklearn
+    does on responses pooled by a plain hook (mean over the first 6 tokens, BOS left out) of its positives
+    and of the 7 negatives that seed samples; the metadata records those settings and the truncation."""
+    from sklearn.metrics import average_precision_score
+
+    from steer_experts.concepts import ConceptSet
+    from steer_experts.discovery import discover
+
+    from ..helpers import EXAMPLES
+    from .test_responses import _reference
+
+    concepts = ConceptSet.load(EXAMPLES).subset(["football", "music"])
+    found = discover(tiny_bos_model, concepts, pooling="mean", max_length=6, n_negatives=7, seed=3,
+                     cache_dir=tmp_path, progress=False)
+    sampled = concepts.with_sampled_negatives(7, 3)
+    assert sampled.concepts[0].negatives != concepts.with_sampled_negatives(7, 0).concepts[0].negatives
+    sentences = sampled.sentences
+    responses = _reference(tiny_bos_model, sentences, "mean", max_length=6)
+    row = {s: i for i, s in enumerate(sentences)}
+    for c, concept in enumerate(sampled.concepts):
+        assert len(concept.negatives) == 7 == found.expertise.n_negatives[c]
+        rows = [row[s] for s in concept.positives + concept.negatives]
+        labels = np.r_[np.ones(len(concept.positives)), np.zeros(len(concept.negatives))]
+        want = [average_precision_score(labels, responses[rows, u]) for u in range(responses.shape[1])]
+        np.testing.assert_allclose(found.expertise.ap[c], want, atol=1e-5)
+    lengths = [len(ids) for ids in tiny_bos_model.tokenizer(sentences)["input_ids"]]
+    assert found.metadata["pooling"] == "mean" and found.metadata["max_length"] == 6
+    assert found.metadata["negative_sampling_seed"] == 3
+    assert found.metadata["n_sentences"] == len(sentences)
+    assert found.metadata["truncated_sentences"] == sum(n > 6 for n in lengths) > 0

@@ -412,3 +412,53 @@ def test_every_bound_matches_its_formula_alone_and_mixed():
             want[..., n] = z[..., n] + w * (formula[int(b)](z[..., n], v) - z[..., n])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert np.array_equal(got[..., 0], z[..., 0])
+
+
+# ----------------------------------------------------------------------------- the interventions on their own
+
+
+def test_addition_adds_its_vector_at_every_position_in_the_input_dtype():
+    """AdditionIntervention returns h + s at every position, in h's dtype (float64 here, state float32)."""
+    from steer_experts.interventions import AdditionIntervention
+
+    vector = torch.tensor([0.5, -1.0, 2.0])
+    base = torch.randn(2, 4, 3, dtype=torch.float64)
+    out = AdditionIntervention(source_representation=vector).forward(base)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, base + vector.double())
+    assert str(AdditionIntervention(source_representation=torch.tensor([3.0, 4.0]))) == "AdditionIntervention(|s| = 5)"
+
+
+def test_expert_intervention_moves_a_float64_input_by_its_formula():
+    """The state is float32; a float64 input is moved in float64 by z + w (v - z) (bound 0)."""
+    intervention = ExpertIntervention.from_units(5, [1, 3], [0.5, 1.0], [2.0, -1.0])
+    base = torch.randn(2, 3, 5, dtype=torch.float64)
+    want = base.clone()
+    want[..., 1] = base[..., 1] + 0.5 * (2.0 - base[..., 1])
+    want[..., 3] = -1.0
+    out = intervention.forward(base)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, want)
+    assert str(intervention) == "ExpertIntervention(2 of 5 units)"
+
+
+@pytest.mark.parametrize("cls, bad_state, message", [
+    (ExpertIntervention, torch.zeros(2, 5), "ExpertIntervention state must have shape (3, width); got (2, 5)."),
+    ("AdditionIntervention", torch.zeros(2, 5), "AdditionIntervention state must have shape (width,); got (2, 5)."),
+])
+def test_a_state_of_the_wrong_shape_is_refused(cls, bad_state, message):
+    from steer_experts import interventions
+
+    cls = getattr(interventions, cls) if isinstance(cls, str) else cls
+    with pytest.raises(ValueError) as err:
+        cls(source_representation=bad_state)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("name", ["ExpertIntervention", "AdditionIntervention"])
+def test_an_intervention_without_state_says_so(name):
+    from steer_experts import interventions
+
+    with pytest.raises(RuntimeError) as err:
+        getattr(interventions, name)().forward(torch.zeros(1, 2, 3))
+    assert str(err.value) == f"{name} has no state: it was built without source_representation."

@@ -82,8 +82,25 @@ def test_embedded_model_is_the_real_smollm2(smollm2):
     assert isinstance(smollm2, LoadedModel) and len(smollm2.fingerprint) == 32
 
 
-def test_second_load_uses_the_safetensors_cache(smollm2):
+def test_second_load_uses_the_safetensors_cache(smollm2, monkeypatch):
+    """Once dequantised, SmolLM2 loads from the safetensors folder in the cache: the GGUF file is not
+    read again, and the weights loaded are the ones that folder holds."""
+    import steer_experts.models as models
+
+    read = []
+    for auto in ("AutoModelForCausalLM", "AutoTokenizer"):
+        cls = getattr(models, auto)
+        original = cls.from_pretrained.__func__
+
+        def spy(cls, path, *args, original=original, **kwargs):
+            read.append((str(path), kwargs.get("gguf_file")))
+            return original(cls, path, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
     again = load_model("smollm2-135m")
+    cached = str(models.cache_root() / "models" / "smollm2-135m")
+    assert read and all(gguf is None for _, gguf in read), read  # no dequantisation
+    assert {path for path, _ in read} == {cached}
+    assert (models.cache_root() / "models" / "smollm2-135m" / "model.safetensors").is_file()
     assert again.fingerprint == smollm2.fingerprint
 
 

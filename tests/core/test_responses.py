@@ -20,15 +20,17 @@ SENTENCES = [
 ]
 
 
-def _reference(loaded, sentences, pooling, max_length=128):
-    """Pool each layer's neurons sentence by sentence (no batching, no padding) from a plain MLP-input hook."""
+def _reference(loaded, sentences, pooling, max_length=128, special_ids=None):
+    """Pool each layer's neurons sentence by sentence (no batching, no padding) from a plain MLP-input hook,
+    leaving out ``special_ids`` (default: the tokenizer's special tokens)."""
     model, tok = loaded.model, loaded.tokenizer
+    special_ids = tok.all_special_ids if special_ids is None else list(special_ids)
     layers = model.config.num_hidden_layers
     mlps = [model.get_submodule(p) for p in _mlp_paths(model)]
     rows = []
     for s in sentences:
         ids = tok(s, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
-        keep = ~torch.isin(ids[0], torch.tensor(tok.all_special_ids))
+        keep = ~torch.isin(ids[0], torch.tensor(special_ids, dtype=torch.long))
         seen = {}
         handles = [m.register_forward_hook(lambda mod, a, o, i=i: seen.__setitem__(i, a[0])) for i, m in enumerate(mlps)]
         with torch.no_grad():
@@ -54,6 +56,18 @@ def test_pooled_responses_match_reference(tiny_model, pooling, tmp_path):
     expected = _reference(tiny_model, SENTENCES, pooling)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_the_bos_token_is_not_pooled(tiny_bos_model, pooling, tmp_path):
+    """With a tokenizer that adds BOS, responses pool the sentence's own tokens only: the BOS position
+    (sentence-independent) would otherwise set a floor under every max and weigh in every mean."""
+    got = collect_responses(tiny_bos_model, SENTENCES, pooling=pooling, batch_size=2, cache_dir=tmp_path,
+                            progress=False).to_numpy()
+    np.testing.assert_allclose(got, _reference(tiny_bos_model, SENTENCES, pooling), rtol=1e-4, atol=1e-5)
+    # The reference with BOS pooled differs, so the comparison above can see a pooled BOS.
+    with_bos = _reference(tiny_bos_model, SENTENCES, pooling, special_ids=())
+    assert not np.allclose(got, with_bos, rtol=1e-4, atol=1e-5)
 
 
 def test_truncation_is_counted_and_applied(tiny_model, tmp_path):

@@ -342,13 +342,14 @@ def test_k_zero_is_the_plain_model(tiny_llama):
     torch.manual_seed(4)
     plain = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True,
                                       pad_token_id=tiny_llama.tokenizer.pad_token_id)
+    # generate goes through pyvene even with no intervention; the forward of k = 0 calls the plain model
+    # directly (next test), so the pyvene forward is compared in test_unmoved_experts_through_pyvene_...
     assert torch.equal(steered.generate(ids, seed=4, max_new_tokens=5, do_sample=True), plain)
-    with torch.no_grad():
-        assert torch.equal(steered(input_ids=ids).logits, tiny_llama.model(ids).logits)
 
 
 def test_steered_forward_with_no_experts_is_the_plain_forward(tiny_llama):
-    """k=0 wraps the model with no unit changed; its forward still returns the model's output."""
+    """k=0 wraps the model with no unit changed; its forward returns the model's output, not pyvene's
+    (output, None) pair for a model without interventions."""
     import torch
 
     from steer_experts.steering import steer
@@ -418,3 +419,107 @@ def test_baseline_model_cards_say_what_steers(tiny_llama, tmp_path):
     card = (folder / "README.md").read_text()
     assert "Write a few sentences about football." in card and "pyvene" not in card
     assert not (folder / "pyvene").exists()
+
+
+# ----------------------------------------------------------------------------- strengths, defaults, what complete returns
+
+
+def lerp_reference_hooks(model: torch.nn.Module, units: np.ndarray, weight: np.ndarray, target: np.ndarray):
+    """Plain forward pre-hooks moving global ``units`` by z <- z + w (v - z), written from the formula alone."""
+    sites = locate_units(model, "mlp")
+    starts = np.cumsum([0] + [s.width for s in sites])
+    handles = []
+    for site, start in zip(sites, starts):
+        rows = (units >= start) & (units < start + site.width)
+        if not rows.any():
+            continue
+        idx = torch.as_tensor(units[rows] - start)
+        w = torch.as_tensor(weight[rows], dtype=torch.float32)
+        v = torch.as_tensor(target[rows], dtype=torch.float32)
+
+        def hook(module, args, idx=idx, w=w, v=v):
+            x = args[0].clone()
+            x[..., idx] = x[..., idx] + w * (v - x[..., idx])
+            return (x,) + args[1:]
+        handles.append(model.get_submodule(site.module_path).register_forward_pre_hook(hook))
+    return handles
+
+
+def _reference_logits(loaded, ids, units, weight, target):
+    handles = lerp_reference_hooks(loaded.model, units, weight, target)
+    try:
+        with torch.no_grad():
+            return loaded.model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("strength, alpha", [(0.5, 1.0), (2.0, 0.5), (0.25, 2.0)])
+def test_strength_scales_the_move_toward_the_concept(tiny_llama, strength, alpha):
+    """{concept: s} moves each expert a fraction alpha x |s| of the way to on_p50 (not alpha alone)."""
+    experts = synthetic_experts(tiny_llama)
+    top = np.argsort(-experts.expertise.ap[0], kind="stable")[:40]
+    ids = prompt_ids(tiny_llama)
+    steered = steer(tiny_llama, experts, {"football": strength}, k=40, alpha=alpha)
+    want = _reference_logits(tiny_llama, ids, top, np.full(40, alpha * strength),
+                             experts.expertise.on_p50[0, top])
+    with torch.no_grad():
+        got = steered(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # alpha alone (|s| ignored) moves the units elsewhere: the comparison above can tell them apart.
+    unscaled = _reference_logits(tiny_llama, ids, top, np.full(40, alpha), experts.expertise.on_p50[0, top])
+    assert not torch.allclose(got, unscaled, atol=1e-4)
+
+
+@pytest.mark.parametrize("strength", [-0.5, -1.0])
+def test_negative_strength_dampens_by_default_in_proportion_to_its_size(tiny_llama, strength):
+    """Without ``suppress=``, a negative strength is AurA: z <- (1 - |s| 2 (AUROC - 0.5)) z for AUROC > 0.5,
+    not an ablation to zero, and |s| scales the dampening."""
+    experts = synthetic_experts(tiny_llama)
+    top = np.argsort(-experts.expertise.ap[0], kind="stable")[:40]
+    auroc = experts.expertise.auroc[0, top]
+    weight = np.where(auroc > 0.5, abs(strength) * 2 * (auroc - 0.5), 0.0)
+    ids = prompt_ids(tiny_llama)
+    with torch.no_grad():
+        got = steer(tiny_llama, experts, {"football": strength}, k=40)(input_ids=ids).logits
+    torch.testing.assert_close(got, _reference_logits(tiny_llama, ids, top, weight, np.zeros(40)),
+                               rtol=1e-5, atol=1e-5)
+    ablated = _reference_logits(tiny_llama, ids, top, np.full(40, abs(strength)), np.zeros(40))
+    assert not torch.allclose(got, ablated, atol=1e-4)
+
+
+def test_complete_returns_only_the_new_text(tiny_llama):
+    """complete() decodes the tokens generated after each (left-padded) prompt, and nothing of the prompt."""
+    experts = synthetic_experts(tiny_llama)
+    prompts = ["The weather today is", "A dog"]
+    got = steer(tiny_llama, experts, "football", k=40).complete(prompts, max_new_tokens=6)
+    top = np.argsort(-experts.expertise.ap[0], kind="stable")[:40]
+    tok = tiny_llama.tokenizer
+    handles = lerp_reference_hooks(tiny_llama.model, top, np.ones(40), experts.expertise.on_p50[0, top])
+    try:
+        want = []
+        for prompt in prompts:  # one at a time: no padding in the reference
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            out = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                            do_sample=False, pad_token_id=tok.pad_token_id)
+            want.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    finally:
+        for h in handles:
+            h.remove()
+    assert got == want
+    assert all(text.strip() for text in want)  # something was generated, so a prompt prefix would show
+
+
+def test_unmoved_experts_through_pyvene_are_the_plain_model(tiny_llama):
+    """alpha = 0 wraps 40 experts in pyvene interventions (unlike k = 0, whose forward skips pyvene):
+    the steered forward and generation must then equal the plain model exactly."""
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=40, alpha=0.0)
+    assert steered.intervenable.interventions  # the pyvene path is the one under test
+    ids = prompt_ids(tiny_llama)
+    with torch.no_grad():
+        assert torch.equal(steered(input_ids=ids).logits, tiny_llama.model(ids).logits)
+    torch.manual_seed(4)
+    plain = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True,
+                                      pad_token_id=tiny_llama.tokenizer.pad_token_id)
+    assert torch.equal(steered.generate(ids, seed=4, max_new_tokens=5, do_sample=True), plain)

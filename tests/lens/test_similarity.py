@@ -20,10 +20,10 @@ from steer_experts.lens.similarity import (
 )
 from steer_experts.units import UnitSite
 
-from ..conftest import MEN
+from ..conftest import MEN, needs_data
 
 MEN_FILE = MEN / "MEN_dataset_natural_form_full"
-needs_men = pytest.mark.skipif(not MEN_FILE.exists(), reason=f"MEN not found at {MEN_FILE.resolve()}")
+needs_men = needs_data(MEN_FILE, f"MEN not found at {MEN_FILE.resolve()}")
 
 SITES = [UnitSite(0, "model.layers.0.mlp.down_proj", 7), UnitSite(1, "model.layers.1.mlp.down_proj", 5)]
 NAMES = ["cat", "dog", "car", "bus", "tree"]

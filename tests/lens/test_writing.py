@@ -110,6 +110,62 @@ def test_same_seed_same_state_and_resume_is_exact(tiny_instruct, tmp_path):
     assert other_seed.words[0].tokens != once.words[0].tokens or other_seed.words[0].counts != once.words[0].counts
 
 
+class ScriptedWriter(torch.nn.Module):
+    """A tiny llama whose ``generate`` answers each prompt with one seeded, well-formed sentence naming
+    the word of the prompt (a random tiny model writes noise, of which nothing is ever kept).
+
+    The sentence is drawn with the global RNG, which the writer seeds per (word, round), so a resumed run
+    draws what an uninterrupted one does; a sentence drawn again is a duplicate to drop."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens, pad_token_id, **sampling):
+        tok = self.tokenizer
+        rows = []
+        for prompt in tok.batch_decode(input_ids, skip_special_tokens=True):
+            word = next(w for w in ("dog", "cat") if f'"{w}"' in prompt)
+            n = int(torch.randint(0, 8, ()))  # few enough that rounds repeat sentences
+            rows.append(tok(f"My {word} walked {n} miles along the quiet river today.",
+                            add_special_tokens=False)["input_ids"][:max_new_tokens])
+        width = max(map(len, rows))
+        new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+@pytest.fixture(scope="module")
+def scripted_instruct(tokenizer):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)), dtype=torch.float32).eval()
+    return LoadedModel.from_hf(ScriptedWriter(model, tokenizer), tokenizer, name="scripted-instruct")
+
+
+def test_resume_keeps_the_sentences_already_written(scripted_instruct, tmp_path):
+    """Two rounds in one run and one round then a resumed second keep the same sentences, in the same
+    order, in the state and in the concept file; the resumed run starts from the saved sentences."""
+    settings = dict(batch_size=4, max_new_tokens=24, n_positives=50)
+    words = ["dog", "cat"]
+    once = write_concepts(scripted_instruct, words, tmp_path / "a", WritingSettings(max_rounds=2, **settings),
+                          progress=False)
+    first = write_concepts(scripted_instruct, words, tmp_path / "b", WritingSettings(max_rounds=1, **settings),
+                           progress=False)
+    resumed = write_concepts(scripted_instruct, words, tmp_path / "b", WritingSettings(max_rounds=2, **settings),
+                             progress=False)
+    for a, f, r in zip(once.words, first.words, resumed.words):
+        assert 0 < len(f.kept) < len(a.kept)  # both rounds kept sentences, so resuming has something to lose
+        assert r.kept == a.kept and r.kept[:len(f.kept)] == f.kept
+        assert all(a.word in k["text"] for k in a.kept)
+        texts = [k["text"] for k in a.kept]  # repeats across rounds are dropped, not kept twice
+        assert len(set(texts)) == len(texts) and a.counts["duplicate"] > 0
+        assert r.counts == a.counts
+        rows = lambda folder: (folder / f"{a.word}.jsonl").read_text()  # noqa: E731
+        assert rows(tmp_path / "b") == rows(tmp_path / "a")
+        assert len(rows(tmp_path / "b").splitlines()) == len(a.kept)
+    assert resumed.run_kept == sum(len(a.kept) - len(f.kept) for a, f in zip(once.words, first.words))
+
+
 def test_other_settings_are_refused(tiny_instruct, tmp_path):
     write_concepts(tiny_instruct, ["dog"], tmp_path, WritingSettings(max_rounds=1, **SMALL), progress=False)
     with pytest.raises(ConceptDataError, match="temperature"):

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 from steer_experts.errors import InvalidArgumentError
 from steer_experts.experts import ExpertSet
 
-from ..conftest import MEN, tiny_config
+from ..conftest import MEN, needs_data, tiny_config
 from ..helpers import read_csv, recipe
 
 MEN_FILE = MEN / "MEN_dataset_natural_form_full"
-pytestmark = pytest.mark.skipif(not MEN_FILE.exists(), reason=f"MEN not found at {MEN_FILE.resolve()}")
+pytestmark = needs_data(MEN_FILE, f"MEN not found at {MEN_FILE.resolve()}")
 
 TEMPLATES = ("The {w} was there in the morning.", "Everyone talked about the {w} at dinner.",
              "I saw a {w} near the old bridge.", "A {w} can change the whole day.",
