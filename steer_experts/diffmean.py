@@ -107,7 +107,8 @@ def residual_means(model: LoadedModel, concept: Concept, *, max_length: int = 12
     without negatives.
     """
     sites = locate_residual_stream(model.model)
-    sums, counts, norms = _token_sums(model, concept, sites, max_length, batch_size, progress, "residual means")
+    sums, counts, norms = _token_sums(model, concept, sites, max_length, batch_size, progress, "residual means",
+                                      with_norms=True)
     token_norm = np.array([float(torch.cat(n).median()) for n in norms])
     return ResidualMeans(concept.name, np.stack([s[0] for s in sums]) / counts[0],
                          np.stack([s[1] for s in sums]) / counts[1], token_norm,
@@ -130,10 +131,11 @@ def unit_shifts(model: LoadedModel, experts: ExpertSet, concept: Concept, *, max
 
 @torch.no_grad()
 def _token_sums(model: LoadedModel, concept: Concept, sites, max_length: int, batch_size: int, progress: bool,
-                what: str) -> tuple[list[np.ndarray], list[int], list[list[torch.Tensor]]]:
+                what: str, with_norms: bool = False) -> tuple[list[np.ndarray], list[int], list[list[torch.Tensor]]]:
     """One pass over ``concept``'s sentences. Per site: the sum of its activations (input or
     output, by ``site.port``) over non-special tokens, float64 (2, width), positives then
-    negatives; the two token counts; and per site every token's L2 norm."""
+    negatives; the two token counts; and, ``with_norms``, per site every token's L2 norm (kept only
+    when asked: unit sites are wide, and their norms would be computed for nothing)."""
     if not concept.negatives:
         raise InvalidArgumentError(f"Concept {concept.name!r} has no negatives; DiffMean needs both sides. "
                          "Sample them first (ConceptSet.with_sampled_negatives).")
@@ -174,7 +176,8 @@ def _token_sums(model: LoadedModel, concept: Concept, sites, max_length: int, ba
                 for i in range(len(sites)):
                     tokens = captured[i][mask].double()
                     sums[i][side] += tokens.sum(dim=0).cpu().numpy()
-                    norms[i].append(tokens.norm(dim=1).float().cpu())
+                    if with_norms:
+                        norms[i].append(tokens.norm(dim=1).float().cpu())
     finally:
         for handle in handles:
             handle.remove()
