@@ -69,7 +69,7 @@ from .atomic import atomic_write, claim_output_folder
 from .errors import CorruptFileError
 from .integrity import STAMP_KEY, check_steered_save, header_metadata, load_verified, stamp
 from .experts import VALUE_STATS, ExpertSet, ModelMismatchError
-from .interventions import ExpertIntervention, build_intervenable, pyvene_call
+from .interventions import SHIFT, ExpertIntervention, build_intervenable, pyvene_call
 from .hub import resolve_folder, upload_folder
 from .model_card import render_model_card
 from .models import LoadedModel
@@ -177,7 +177,7 @@ def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bo
     if mode == "add":
         sign = 1.0 if toward else -1.0
         return (np.full(n, scale, np.float32), (sign * shifts[selection.units]).astype(np.float32),
-                np.full(n, 2.0, np.float32))
+                np.full(n, SHIFT, np.float32))
     if mode == "dampen":
         gini = 2.0 * (selection.auroc.astype(np.float64) - 0.5)
         weight = np.where(selection.auroc > 0.5, scale * gini, 0.0)
