@@ -9,8 +9,15 @@ Two tests per concept, each ending in a one-line verdict with its numbers.
    them down per token (``clamp_down``: z <- min(z, off_mean), so a unit never
    exceeds its typical response on negatives and is never raised), or shift them
    down per token (``shift_down``: z <- z - alpha x (token-level mean on positives
-   minus on negatives), ``steer(..., suppress="add")``, alpha ``--shift-alpha``) -- and compare
-   with treating k random units the same way (``--controls``). Note that
+   minus on negatives), ``steer(..., suppress="add")``, alpha ``--shift-alpha``), or zero
+   only experts that promote the concept word (``promoting``: the top-k by AP among units
+   whose write raises the word's logit, ``effects.promoting_scores``; its controls are
+   drawn among those units too, so the test is whether *experts* matter beyond what
+   any unit promoting the word does) -- and compare
+   with treating k random units the same way (``--controls``). Why ``promoting``:
+   about half of the top experts *lower* the concept word's logit (on SmolLM2's
+   football, most experts of the last third of the layers), so silencing all of
+   them raises p(concept). Note that
    ``off_mean`` is a mean of *sentence maxima* (responses are max-pooled), which
    lies above a unit's typical per-token value: setting a unit to it at every
    position raises it at most positions, so it can induce the concept rather than
@@ -21,7 +28,8 @@ Two tests per concept, each ending in a one-line verdict with its numbers.
      intervals; the verdict is YES when the interval of p(random) - p(experts) lies
      entirely above 0 at some k and silencing, REVERSED when instead it lies
      entirely below 0 somewhere (silencing the experts raises p(concept)), else
-     NOT SHOWN.
+     NOT SHOWN. A second line says whether some silencing of the experts lowers
+     p(concept) below the unablated model, its drop's interval excluding 0.
    * the exact probability that the continuation *begins* with the concept word
      (chain rule over its tokens; one forward pass, no sampling noise), averaged
      over prompts, reported next to it.
@@ -50,6 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, from any working directory
 
 import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,12 +74,13 @@ from steer_experts.evaluation import (  # noqa: E402
 )
 from steer_experts.evaluation.prompts import inviting_prompts  # noqa: E402
 from steer_experts.discovery import held_out_expertise  # noqa: E402
+from steer_experts.effects import promoting_scores  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word, concept_words  # noqa: E402
 
 BASE = "base"
-SILENCING = ("zero", "off_mean", "dampen", "clamp_down", "shift_down")
+SILENCING = ("zero", "off_mean", "dampen", "clamp_down", "shift_down", "promoting")
 
 
 def parse_args(argv: list[str] | None):
@@ -80,7 +90,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--values", default="zero,off_mean,dampen,clamp_down,shift_down",
                    help="how units are silenced: zero, off_mean (set to that value), dampen (AurA factor), "
                         "clamp_down (z <- min(z, off_mean) per token), shift_down (z <- z - alpha x token-level "
-                        "mean difference)")
+                        "mean difference), promoting (zero the top-k experts among units whose write raises "
+                        "the concept word)")
     p.add_argument("--shift-alpha", type=float, default=4.0, help="alpha of shift_down (> 0)")
     p.add_argument("--controls", default="random", help="controls: random, lowest")
     p.add_argument("--samples-per-prompt", type=int, default=6)
@@ -133,12 +144,27 @@ def concept_forms(concept: str) -> list[str]:
     return list(dict.fromkeys(f for w in forms for f in (w, w.capitalize())))
 
 
-def run_cell(cell: dict, model, expert_set, shifts, args) -> list[dict]:
+def promoting_ranks(promoting: np.ndarray, condition: str, seed: int) -> np.ndarray:
+    """Scores that rank the units promoting the concept word (``promoting`` > 0, which holds their
+    AP) first: the experts by AP, or the controls among those same units -- ``random`` in a
+    random order drawn with ``seed``, ``lowest`` by lowest AP."""
+    if condition == "random":
+        return np.where(promoting > 0, 1.0 + np.random.default_rng(seed).random(promoting.size), 0.0)
+    if condition == "lowest":
+        return np.where(promoting > 0, 2.0 - promoting, 0.0)
+    return promoting
+
+
+def run_cell(cell: dict, model, expert_set, shifts, promoting, args) -> list[dict]:
     """One ablation cell: sampled continuations of the inviting prompts and the next-word probability.
-    ``shifts(concept)`` gives the concept's unit shifts (for ``shift_down``)."""
+    ``shifts(concept)`` gives the concept's unit shifts (for ``shift_down``), ``promoting(concept)``
+    its promoting scores (for ``promoting``)."""
     prompts = list(inviting_prompts(cell["concept"]))
     control = cell["condition"] if cell["condition"] in ("random", "lowest") else None
-    if cell["value"] == "shift_down":
+    if cell["value"] == "promoting":
+        steered = steer(model, expert_set, cell["concept"], k=cell["k"], mode="ablate",
+                        scores=promoting_ranks(promoting(cell["concept"]), cell["condition"], args.seed))
+    elif cell["value"] == "shift_down":
         steered = steer(model, expert_set, {cell["concept"]: -1.0}, k=cell["k"], alpha=cell["alpha"],
                         suppress="add", shifts=shifts(cell["concept"]), control=control, seed=args.seed)
     elif cell["value"] == "clamp_down":
@@ -205,11 +231,13 @@ def ablation_verdict(rows: list[dict], table: list[dict], concept: str, control:
             e, c = summary[("experts", value, k)], summary[(control, value, k)]
             gap = difference_row(flags(control, value, k), flags("experts", value, k), "gap", args.seed, args.n_boot)
             comparisons.append(dict(value=value, k=k, p_base=base["p_concept"], p_experts=e["p_concept"],
-                                    p_control=c["p_concept"], **gap, p_next_base=base["p_next"],
+                                    p_control=c["p_concept"], **gap, drop=e["drop"], drop_low=e["drop_low"],
+                                    drop_high=e["drop_high"], p_next_base=base["p_next"],
                                     p_next_experts=e["p_next"], p_next_control=c["p_next"]))
     shown = [c for c in comparisons if c["gap_low"] > 0]
     return {"control": control, "supported": bool(shown), "first": shown[0] if shown else None,
-            "reversed": any(c["gap_high"] < 0 for c in comparisons), "comparisons": comparisons}
+            "reversed": any(c["gap_high"] < 0 for c in comparisons),
+            "lowered": any(c["drop_low"] > 0 for c in comparisons), "comparisons": comparisons}
 
 
 def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None:
@@ -269,6 +297,14 @@ def write_report(names, verdicts, general, args, run: RunFolder) -> str:
                              f"{shown['gap']:.2f} [{shown['gap_low']:.2f}, {shown['gap_high']:.2f}]; p_next "
                              f"{shown['p_next_base']:.3f} -> {shown['p_next_experts']:.3f} vs "
                              f"{shown['p_next_control']:.3f}.")
+            if v is verdicts[concept][0]:  # the drop from the unablated model is the same for every control
+                drops = v["comparisons"]
+                lowered = [c for c in drops if c["drop_low"] > 0]
+                d = max(lowered or drops, key=lambda c: (c["drop_low"], c["drop"]))
+                lines.append(f"below the unablated model: {'YES' if lowered else 'NOT SHOWN'} - e.g. k={d['k']} "
+                             f"({d['value']}): p(concept) {d['p_base']:.2f} -> {d['p_experts']:.2f}, drop "
+                             f"{d['drop']:.2f} [{d['drop_low']:.2f}, {d['drop_high']:.2f}]; p_next "
+                             f"{d['p_next_base']:.3f} -> {d['p_next_experts']:.3f}.")
             for c in v["comparisons"]:
                 lines.append(f"   k={c['k']:>5} {c['value']:>8}: p base {c['p_base']:.2f}, "
                              f"experts {c['p_experts']:.2f}, "
@@ -309,8 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
         cells_generated = len(todo)
         concept_set = ConceptSet.load(args.concepts).with_sampled_negatives(seed=0)
         shifts = functools.cache(lambda name: unit_shifts(model, expert_set, concept_set[name]))
+        promoting = functools.cache(lambda name: promoting_scores(model, expert_set, name))
         for cell, cell_id in tqdm(todo, desc="ablation cells", unit="cell"):
-            run.write_cell(cell_id, run_cell(cell, model, expert_set, shifts, args))
+            run.write_cell(cell_id, run_cell(cell, model, expert_set, shifts, promoting, args))
         rows = run.all_rows(ids)
         table = ablation_table(rows, names, args)
         write_csv(out / "ablation.csv", table)

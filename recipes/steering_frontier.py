@@ -16,16 +16,19 @@ Methods (each one family of settings; ``--methods`` picks some):
 * ``experts_clamp`` -- clamp-up, z <- max(z, on_p50): experts are never lowered.
 * ``experts_aligned`` -- experts ranked by AP x their push along the concept's
   DiffMean direction (``diffmean.aligned_scores``) instead of AP alone.
+* ``experts_promoting`` -- the mission's intervention on the top-k experts by AP among
+  units whose write raises the concept word's logit (``effects.promoting_scores``):
+  about half of the top experts lower the word itself.
 * ``experts_add`` -- the top-k experts by AP each shifted by alpha x the concept's
   token-level difference of mean responses, positives minus negatives
   (``diffmean.unit_shifts``), instead of set to a max-pooled value.
 * ``random`` -- k random units set to their on_p50 (the control).
 * ``diffmean`` -- the unit DiffMean direction added at one layer's residual stream,
   factor x the layer's median token norm; layer and factor swept (as many cells
-  as the four expert variants together).
+  as the first four expert variants together).
 * ``prompt`` -- an instruction to write about the concept, in the chat template.
 
-The best expert variant is chosen on dev among the four ``experts*`` families.
+The best expert variant is chosen on dev among the ``experts*`` families.
 Scores of a text: the concept classifier (logistic regression on all-MiniLM-L6-v2
 embeddings, fitted on the concept's positives vs negatives; its held-out
 accuracy is reported), p(word) (the concept word or its inflections), perplexity
@@ -70,6 +73,7 @@ from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.diffmean import (  # noqa: E402
     ResidualMeans, aligned_scores, residual_means, steer_diffmean, unit_shifts,
 )
+from steer_experts.effects import promoting_scores  # noqa: E402
 from steer_experts.errors import InvalidArgumentError  # noqa: E402
 from steer_experts.evaluation import concept_presence, distinct_n, perplexity, self_bleu  # noqa: E402
 from steer_experts.evaluation.concept_score import ConceptClassifier  # noqa: E402
@@ -80,12 +84,12 @@ from steer_experts.steering import steer  # noqa: E402
 from steer_experts.words import concept_word, concept_words  # noqa: E402
 
 SAMPLING = {"paper": dict(temperature=1.0, top_k=10), "nucleus": dict(temperature=0.7, top_p=0.9)}
-EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned", "experts_add")
+EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned", "experts_promoting", "experts_add")
 METHODS = (*EXPERT_VARIANTS, "random", "diffmean", "prompt")
 
 
 def default_grid(n_layers: int) -> dict[str, list[dict]]:
-    """Each method's settings, weakest first. DiffMean gets 28 cells, the expert variants 29.
+    """Each method's settings, weakest first. DiffMean gets 28 cells, the expert variants 35.
 
     Both got finer steps where their dev frontiers were steep, after the first football and
     woman sweeps: DiffMean factors 0.15-0.6 at its deepest two layers (where its best settings
@@ -97,6 +101,7 @@ def default_grid(n_layers: int) -> dict[str, list[dict]]:
         "experts_late": [dict(k=k) for k in ks],
         "experts_clamp": [dict(k=k) for k in ks[1:]],
         "experts_aligned": [dict(k=k) for k in ks],
+        "experts_promoting": [dict(k=k, alpha=1.0) for k in ks] + [dict(k=k, alpha=0.5) for k in (100, 300)],
         "experts_add": [dict(k=k, alpha=a) for k in (100, 300, 1000) for a in (2.0, 3.0, 4.0, 8.0)],
         "random": [dict(k=k) for k in (30, 100)],
         "diffmean": [dict(layer=layer, factor=f) for layer in layers
@@ -176,6 +181,7 @@ class Steering:
         self.model, self.expert_set, self.concepts, self.out = model, expert_set, concepts, out
         self._means: dict[str, ResidualMeans] = {}
         self._aligned: dict[str, np.ndarray] = {}
+        self._promoting: dict[str, np.ndarray] = {}
         self._shifts: dict[str, np.ndarray] = {}
 
     def means(self, concept: str) -> ResidualMeans:
@@ -220,6 +226,10 @@ class Steering:
             if concept not in self._aligned:
                 self._aligned[concept] = aligned_scores(model, self.expert_set, self.means(concept))
             return steer(model, self.expert_set, concept, k=k, alpha=alpha, scores=self._aligned[concept])
+        if method == "experts_promoting":
+            if concept not in self._promoting:
+                self._promoting[concept] = promoting_scores(model, self.expert_set, concept)
+            return steer(model, self.expert_set, concept, k=k, alpha=alpha, scores=self._promoting[concept])
         if method == "experts_add":
             return steer(model, self.expert_set, concept, k=k, alpha=alpha, mode="add", shifts=self.shifts(concept))
         if method == "random":

@@ -2,7 +2,7 @@
 
 The core modules follow the pipeline, in the order a newcomer should read them; none imports a later one:
 errors -> words -> concepts -> models, units -> responses -> expertise -> experts -> discovery ->
-interventions -> steering (and the other steering methods: diffmean, prompting; calibration chooses an
+effects (what an expert writes) -> interventions -> steering (and the other steering methods: diffmean, prompting; calibration chooses an
 expert operating point) -> model_card. ``hub`` is transport only and serves every stage.
 ``evaluation/`` measures generations; ``lens/`` holds the ExpertLens analyses (similarity, ratings,
 baselines, queries, writing concept data).
@@ -16,6 +16,7 @@ from .responses import Responses, collect_responses
 from .expertise import Expertise, compute_expertise
 from .experts import ExpertSelection, ExpertSet, ModelMismatchError
 from .discovery import discover
+from .effects import promoting_scores, word_effects
 from .interventions import ExpertIntervention
 from .steering import ExpertSteeredModel, SteeredModel, steer
 from .diffmean import ResidualMeans, residual_means, steer_diffmean, unit_shifts
@@ -30,7 +31,7 @@ __all__ = [
     "UnitSite", "locate_units", "register_unit_kind",
     "Responses", "collect_responses",
     "Expertise", "compute_expertise",
-    "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover",
+    "ExpertSelection", "ExpertSet", "ModelMismatchError", "discover", "promoting_scores", "word_effects",
     "ExpertIntervention",
     "ExpertSteeredModel", "SteeredModel", "steer",
     "ResidualMeans", "residual_means", "steer_diffmean", "unit_shifts", "steer_prompt", "calibrate",

@@ -40,7 +40,7 @@ from .errors import InvalidArgumentError
 from .experts import ExpertSet, ModelMismatchError
 from .interventions import AdditionIntervention
 from .models import LoadedModel
-from .units import UnitSite, decoder_stack, locate_residual_stream
+from .units import UnitSite, decoder_stack, locate_residual_stream, write_columns
 from .steering import SteeredModel, checked_sites
 
 FORMAT_VERSION = 1
@@ -193,7 +193,7 @@ def unit_alignment(model: LoadedModel, experts: ExpertSet, means: ResidualMeans)
     if means.model_fingerprint != model.fingerprint:
         raise ModelMismatchError(f"The residual means of {means.concept!r} come from another model.")
     return np.concatenate([
-        (torch.nn.functional.normalize(_write_columns(model, site), dim=1)
+        (torch.nn.functional.normalize(write_columns(model.model, site), dim=1)
          @ torch.from_numpy(means.direction(site.layer))).numpy()
         for site in experts.sites])
 
@@ -212,17 +212,10 @@ def aligned_scores(model: LoadedModel, experts: ExpertSet, means: ResidualMeans)
     """
     c = experts.concept_index(means.concept)
     e = experts.expertise
-    columns_norm = np.concatenate([_write_columns(model, site).norm(dim=1).numpy() for site in experts.sites])
+    columns_norm = np.concatenate([write_columns(model.model, site).norm(dim=1).numpy() for site in experts.sites])
     rise = np.maximum(e.on_p50[c] - e.off_mean[c], 0.0)
     along = np.maximum(unit_alignment(model, experts, means), 0.0)
     return e.ap[c] * rise * along * columns_norm / means.token_norm[experts.layer]
-
-
-def _write_columns(model: LoadedModel, site: UnitSite) -> torch.Tensor:
-    """What each unit of ``site`` writes to the residual stream, float64 (width, hidden)."""
-    module = model.model.get_submodule(site.module_path)
-    weight = module.weight.detach().double().cpu()
-    return weight.T if isinstance(module, torch.nn.Linear) else weight  # gpt2's Conv1D stores (in, out)
 
 
 class DiffMeanSteeredModel(SteeredModel):

@@ -61,6 +61,15 @@ MLP_DOWN_PROJ: dict[str, tuple[str, str]] = {
 }
 
 
+# The norm the LM head reads, per architecture (same keys as MLP_DOWN_PROJ).
+FINAL_NORM: dict[str, str] = {
+    **{t: "model.norm" for t in MLP_DOWN_PROJ if MLP_DOWN_PROJ[t][0] == "model.layers"},
+    "gemma3": "model.language_model.norm",
+    "gpt2": "transformer.ln_f",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+}
+
+
 def _input_width(module: torch.nn.Module) -> int:
     if isinstance(module, torch.nn.Linear):
         return module.in_features
@@ -95,6 +104,20 @@ def locate_residual_stream(model: PreTrainedModel) -> list[UnitSite]:
     width = model.config.get_text_config().hidden_size
     return [UnitSite(i, f"{layers_path}.{i}", width, port="output")
             for i in range(len(model.get_submodule(layers_path)))]
+
+
+def final_norm(model: PreTrainedModel) -> torch.nn.Module:
+    """Return the normalisation the LM head reads (e.g. llama's ``model.norm``, gpt2's ``ln_f``)."""
+    locate_mlp_neurons(model)  # the same architectures, and the same error for the others
+    return model.get_submodule(FINAL_NORM[model.config.model_type])
+
+
+def write_columns(model: PreTrainedModel, site: UnitSite) -> torch.Tensor:
+    """What each unit of an MLP ``site`` writes to the residual stream: its down-projection
+    column, float64 (width, hidden), on the CPU."""
+    module = model.get_submodule(site.module_path)
+    weight = module.weight.detach().double().cpu()
+    return weight.T if isinstance(module, torch.nn.Linear) else weight  # gpt2's Conv1D stores (in, out)
 
 
 UNIT_KINDS: dict[str, Callable[[PreTrainedModel], list[UnitSite]]] = {"mlp": locate_mlp_neurons}

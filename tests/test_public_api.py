@@ -14,7 +14,7 @@ from steer_experts.errors import SteerExpertsError
 PACKAGE = Path(steer_experts.__file__).resolve().parent
 # README's reading order of the core modules: none imports one listed after it.
 PIPELINE = ("errors", "atomic", "integrity", "hub", "words", "concepts", "models", "units", "responses",
-            "expertise", "experts", "discovery", "interventions", "model_card", "steering", "diffmean", "prompting",
+            "expertise", "experts", "discovery", "effects", "interventions", "model_card", "steering", "diffmean", "prompting",
             "calibration", "figures", "cli")
 
 

@@ -18,7 +18,7 @@ from .test_steering_recipes import example_experts, no_generation  # noqa: F401 
 pytestmark = pytest.mark.integration
 
 GRID = {"experts": [{"k": 3, "alpha": 1.0}, {"k": 30, "alpha": 1.0}], "experts_late": [{"k": 3}],
-        "experts_clamp": [{"k": 3}], "experts_aligned": [{"k": 3}], "experts_add": [{"k": 30, "alpha": 4.0}],
+        "experts_clamp": [{"k": 3}], "experts_aligned": [{"k": 3}], "experts_promoting": [{"k": 3}], "experts_add": [{"k": 30, "alpha": 4.0}],
         "random": [{"k": 3}],
         "diffmean": [{"layer": 15, "factor": 0.2}, {"layer": 25, "factor": 0.8}]}
 

@@ -188,17 +188,18 @@ def test_causal_validation(example_experts, smollm2, tmp_path, monkeypatch, resp
     cv = recipe("causal_validation")
     out = tmp_path / "cv"
     argv = ["--out", str(out), "--experts", str(example_experts), "--concepts", str(EXAMPLES),
-            "--concept", "football", "--ks", "3", "--values", "zero,dampen,clamp_down,shift_down", "--split-ks", "3,10",
+            "--concept", "football", "--ks", "3", "--values", "zero,dampen,clamp_down,shift_down,promoting", "--split-ks", "3,10",
             "--samples-per-prompt", "1", "--max-new-tokens", "3", "--n-boot", "200",
             "--cache-dir", str(response_cache)]
     summary = cv.main(argv)
-    assert summary["cells_generated"] == 9  # base, then experts and random silenced four ways at k=3
+    assert summary["cells_generated"] == 11  # base, then experts and random silenced five ways at k=3
 
     table = read_csv(out / "ablation.csv")
     assert [(r["condition"], r["value"], r["k"]) for r in table] == [
         ("base", "none", "0"), ("experts", "zero", "3"), ("random", "zero", "3"), ("experts", "dampen", "3"),
         ("random", "dampen", "3"), ("experts", "clamp_down", "3"), ("random", "clamp_down", "3"),
-        ("experts", "shift_down", "3"), ("random", "shift_down", "3")]
+        ("experts", "shift_down", "3"), ("random", "shift_down", "3"), ("experts", "promoting", "3"),
+        ("random", "promoting", "3")]
     for r in table:
         assert 0 <= float(r["p_concept_low"]) <= float(r["p_concept"]) <= float(r["p_concept_high"]) <= 1
         assert 0 <= float(r["p_next"]) <= 1
@@ -209,6 +210,9 @@ def test_causal_validation(example_experts, smollm2, tmp_path, monkeypatch, resp
     assert verdict["reversed"] is any(c["gap_high"] < 0 for c in verdict["comparisons"])
     headline = "YES" if verdict["supported"] else "REVERSED" if verdict["reversed"] else "NOT SHOWN"
     assert f"ablation vs random: {headline}" in (out / "report.txt").read_text()
+    assert verdict["lowered"] is any(c["drop_low"] > 0 for c in verdict["comparisons"])
+    lowered = "YES" if verdict["lowered"] else "NOT SHOWN"
+    assert f"below the unablated model: {lowered}" in (out / "report.txt").read_text()
     for c in verdict["comparisons"]:
         assert c["gap"] == pytest.approx(c["p_control"] - c["p_experts"])
         assert c["gap_low"] <= c["gap"] <= c["gap_high"]
@@ -232,3 +236,17 @@ def test_causal_validation(example_experts, smollm2, tmp_path, monkeypatch, resp
 
     monkeypatch.setattr(SteeredModel, "complete", no_generation)
     assert cv.main(argv)["cells_generated"] == 0
+
+
+def test_promoting_controls_are_drawn_among_the_units_that_promote_the_word():
+    cv = recipe("causal_validation")
+    promoting = np.array([0.0, 0.9, 0.0, 0.5, 0.7, 0.0, 0.2])  # AP where the unit promotes the word, else 0
+
+    def first(condition, n=4, seed=0):
+        return list(np.argsort(-cv.promoting_ranks(promoting, condition, seed), kind="stable")[:n])
+
+    assert first("experts") == [1, 4, 3, 6]
+    assert first("lowest") == [6, 3, 4, 1]
+    draws = [first("random", seed=s) for s in range(20)]
+    assert all(sorted(d) == [1, 3, 4, 6] for d in draws) and len({tuple(d) for d in draws}) > 1
+    assert first("random", seed=3) == first("random", seed=3)
