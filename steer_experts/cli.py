@@ -110,6 +110,10 @@ def _generate(args: argparse.Namespace) -> None:
             from .diffmean import unit_shifts
 
             selection["shifts"] = unit_shifts(model, experts, concept_data())
+        if args.promoting:
+            from .effects import promoting_scores
+
+            selection["scores"] = promoting_scores(model, experts, name)
         steered = steer(model, experts, name, mode=args.mode, positions=args.positions, layers=layers, **selection)
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                     top_k=args.top_k, seed=args.seed)
@@ -257,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "concept's token-level difference of mean responses (needs --concepts)")
     g.add_argument("--positions", choices=POSITIONS, default="all", help="which positions are steered")
     g.add_argument("--from-layer", type=_non_negative_int, help="only experts of this layer and later ones (e.g. 2)")
+    g.add_argument("--promoting", action="store_true",
+                   help="only experts whose write raises the concept word's logit (the top k by AP among them)")
     g.add_argument("--auto", action="store_true",
                    help="k and alpha from a calibrated operating point (computed once with --concepts, then "
                         "kept in the expert set)")

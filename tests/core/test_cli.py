@@ -105,6 +105,16 @@ def test_generate_with_variants_baselines_and_a_stored_operating_point(example_d
     assert main(["generate", *common, "--mode", "add", "--k", "30", "--alpha", "4", "--concepts",
                  "examples/concepts.jsonl", "Hello"]) == 0
     assert "mode=add" in capsys.readouterr().out
+    assert main(["generate", *common, "--k", "20", "--promoting", "Hello"]) == 0
+    from steer_experts.effects import promoting_scores
+    from steer_experts.steering import steer
+
+    experts = ExpertSet.from_pretrained(example_dir)
+    promoting = steer(smollm2, experts, "football", k=20, scores=promoting_scores(smollm2, experts, "football"))
+    plain = steer(smollm2, experts, "football", k=20).plan
+    assert set(zip(promoting.plan.layer, promoting.plan.neuron)) != set(zip(plain.layer, plain.neuron))
+    expected = promoting.complete(["Hello"], max_new_tokens=5, do_sample=False, seed=0)[0]
+    assert _printed_columns(capsys.readouterr().out)[1] == " ".join(expected.split())
 
     # --auto uses the point kept with the expert set, and needs no concept data then
     folder = shutil.copytree(example_dir, tmp_path / "experts")
