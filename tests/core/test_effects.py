@@ -18,18 +18,19 @@ WORDS = ["football", "goal"]
 
 
 def test_the_final_norm_is_what_the_lm_head_reads(tiny_model):
+    """The LM head applied to final_norm(last block's output) gives the model's own logits."""
     model = tiny_model.model
     enc = tiny_model.tokenizer(["The striker scored a goal"], return_tensors="pt")
-    with torch.no_grad():
-        out = model(**enc, output_hidden_states=True)
-        # hidden_states[-1] is the normed state; the last block's own output is hooked instead
-        last_block = {}
-        layers = model.get_submodule(locate_units(model)[-1].module_path.rsplit(".", 2)[0])
-        handle = layers.register_forward_hook(lambda _m, _a, o: last_block.setdefault("h", o[0] if isinstance(o, tuple) else o))
-        model(**enc)
+    last_block = model.get_submodule(locate_units(model)[-1].module_path.rsplit(".", 2)[0])
+    kept = {}
+    handle = last_block.register_forward_hook(lambda _m, _a, o: kept.update(h=o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            logits = model(**enc).logits
+            rebuilt = model.get_output_embeddings()(final_norm(model)(kept["h"]))
+    finally:
         handle.remove()
-        logits = model.get_output_embeddings()(final_norm(model)(last_block["h"]))
-    torch.testing.assert_close(logits, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rebuilt, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_word_effects_equal_the_full_logits_of_each_write(tiny_model):
