@@ -256,7 +256,8 @@ def plot_ablation(table: list[dict], names: list[str], args, path: Path) -> None
                             capsize=3, label=f"{condition} ablated")
             ax.set_xscale("symlog", linthresh=1)
             ax.set_xticks([0, *args.ks], [str(k) for k in [0, *args.ks]])
-            ax.set_ylim(-0.02, 1.02)
+            top = max(r["p_concept_high"] for r in table if r["concept"] == concept)
+            ax.set_ylim(0, min(1.0, 1.15 * top + 0.02))  # small rates stay readable
             ax.set_xlabel("k (units ablated)")
             ax.set_ylabel(f"p({concept_word(concept)})")
             ax.set_title(f"{concept_word(concept)}, silenced: {value}")
