@@ -3,8 +3,8 @@
 The core modules follow the pipeline, in the order a newcomer should read them; none imports a later one:
 errors -> words -> concepts -> models, units -> responses -> expertise -> experts -> discovery ->
 effects (what an expert writes) -> interventions -> steering (and the other steering methods: diffmean,
-prompting; calibration chooses an expert operating point) -> model_card. ``hub`` is transport only and serves every stage.
-``evaluation/`` measures generations; ``lens/`` holds the ExpertLens analyses (similarity, ratings,
+prompting; calibration chooses an expert operating point) -> model_card. ``hub`` is transport only and
+serves every stage. ``evaluation/`` measures generations; ``lens/`` holds the ExpertLens analyses (similarity, ratings,
 baselines, queries, writing concept data).
 """
 
