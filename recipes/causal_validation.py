@@ -215,7 +215,8 @@ def ablation_verdict(rows: list[dict], table: list[dict], concept: str, control:
 
     Supported when, at some k and value, the 95% bootstrap interval of
     gap = p(control ablated) - p(experts ablated) lies entirely above 0; reversed
-    when some interval lies entirely below 0.
+    when some interval lies entirely below 0. Lowered when the interval of
+    drop = p(unablated) - p(experts ablated) lies entirely above 0 somewhere.
     """
     words = concept_words(concept_word(concept))
     summary = {(r["condition"], r["value"], r["k"]): r for r in table if r["concept"] == concept}
@@ -230,9 +231,9 @@ def ablation_verdict(rows: list[dict], table: list[dict], concept: str, control:
         for k in args.ks:
             e, c = summary[("experts", value, k)], summary[(control, value, k)]
             gap = difference_row(flags(control, value, k), flags("experts", value, k), "gap", args.seed, args.n_boot)
+            drop = difference_row(flags(BASE, "none", 0), flags("experts", value, k), "drop", args.seed, args.n_boot)
             comparisons.append(dict(value=value, k=k, p_base=base["p_concept"], p_experts=e["p_concept"],
-                                    p_control=c["p_concept"], **gap, drop=e["drop"], drop_low=e["drop_low"],
-                                    drop_high=e["drop_high"], p_next_base=base["p_next"],
+                                    p_control=c["p_concept"], **gap, **drop, p_next_base=base["p_next"],
                                     p_next_experts=e["p_next"], p_next_control=c["p_next"]))
     shown = [c for c in comparisons if c["gap_low"] > 0]
     return {"control": control, "supported": bool(shown), "first": shown[0] if shown else None,
