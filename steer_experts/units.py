@@ -109,7 +109,12 @@ def locate_residual_stream(model: PreTrainedModel) -> list[UnitSite]:
 def final_norm(model: PreTrainedModel) -> torch.nn.Module:
     """Return the normalisation the LM head reads (e.g. llama's ``model.norm``, gpt2's ``ln_f``)."""
     locate_mlp_neurons(model)  # the same architectures, and the same error for the others
-    return model.get_submodule(FINAL_NORM[model.config.model_type])
+    model_type = model.config.model_type
+    if model_type not in FINAL_NORM:
+        raise UnsupportedArchitectureError(
+            f"No final-norm locator for model_type={model_type!r}. Set steer_experts.units.FINAL_NORM[{model_type!r}] "
+            "to the path of the norm the LM head reads, e.g. 'model.norm'.")
+    return model.get_submodule(FINAL_NORM[model_type])
 
 
 def write_columns(model: PreTrainedModel, site: UnitSite) -> torch.Tensor:

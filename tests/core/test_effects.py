@@ -66,6 +66,14 @@ def test_promoting_scores_keep_the_ap_of_units_that_raise_the_word(tiny_model):
     np.testing.assert_array_equal(default > 0, word_effects(tiny_model, experts, ["football", "footballs"]) > 0)
 
 
+def test_an_architecture_without_a_final_norm_entry_is_refused_clearly(tiny_model, monkeypatch):
+    from steer_experts import units
+
+    monkeypatch.delitem(units.FINAL_NORM, tiny_model.model.config.model_type)
+    with pytest.raises(units.UnsupportedArchitectureError, match="FINAL_NORM"):
+        final_norm(tiny_model.model)
+
+
 def test_word_effects_refuse_no_words(tiny_model):
     with pytest.raises(ValueError, match="words is empty"):
         word_effects(tiny_model, synthetic_experts(tiny_model), [])
