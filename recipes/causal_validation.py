@@ -77,7 +77,7 @@ from steer_experts.discovery import held_out_expertise  # noqa: E402
 from steer_experts.effects import promoting_scores  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.steering import steer  # noqa: E402
-from steer_experts.words import concept_word, concept_words  # noqa: E402
+from steer_experts.words import concept_forms, concept_word, concept_words  # noqa: E402
 
 BASE = "base"
 SILENCING = ("zero", "off_mean", "dampen", "clamp_down", "shift_down", "promoting")
@@ -138,12 +138,6 @@ def grid(names: list[str], args) -> list[dict]:
     return cells
 
 
-def concept_forms(concept: str) -> list[str]:
-    """The concept word, its plural, each also capitalised (the forms a continuation can start with)."""
-    forms = [w for w in concept_words(concept_word(concept)) if "'" not in w]
-    return list(dict.fromkeys(f for w in forms for f in (w, w.capitalize())))
-
-
 def promoting_ranks(promoting: np.ndarray, condition: str, seed: int) -> np.ndarray:
     """Scores that rank the units promoting the concept word (``promoting`` > 0, which holds their
     AP) first: the experts by AP, or the controls among those same units -- ``random`` in a
@@ -179,7 +173,7 @@ def run_cell(cell: dict, model, expert_set, shifts, promoting, args) -> list[dic
                         seed=args.seed)
     per_prompt = []
     for prompt in prompts:
-        forms = distinct_forms(model.tokenizer, prompt, concept_forms(cell["concept"]))
+        forms = distinct_forms(model.tokenizer, prompt, concept_forms(cell["concept"], capitalised=True))
         per_prompt.append(float(next_word_probability(SteeredScorer(steered), model.tokenizer, [prompt], forms).sum()))
     asked = [p for p in prompts for _ in range(args.samples_per_prompt)]
     texts = steered.complete(asked, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,

@@ -51,6 +51,7 @@ for the experts, DiffMean, the unit shifts and the classifier alike (man and wom
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ from steer_experts.words import concept_word, concept_words  # noqa: E402
 SAMPLING = {"paper": dict(temperature=1.0, top_k=10), "nucleus": dict(temperature=0.7, top_p=0.9)}
 EXPERT_VARIANTS = ("experts", "experts_late", "experts_clamp", "experts_aligned", "experts_promoting", "experts_add")
 METHODS = (*EXPERT_VARIANTS, "random", "diffmean", "prompt")
+EXPERT_SETTING = ("k", "per_layer", "alpha", "value", "positions")  # steer() arguments a grid may set
 
 
 def default_grid(n_layers: int) -> dict[str, list[dict]]:
@@ -152,7 +154,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--grid is not JSON: {err}")
     except OSError as err:
         p.error(f"--grid file cannot be read: {err}")
+    for method, settings in args.grid.items():
+        if method not in METHODS or not isinstance(settings, list):
+            p.error(f"--grid: {method!r} must be one of {', '.join(METHODS)}, with a list of settings")
+        for setting in settings:
+            if not isinstance(setting, dict) or not valid_setting(method, setting):
+                p.error(f"--grid: {method} setting {setting!r} is not valid: diffmean takes layer and factor, "
+                        f"prompt nothing, the others exactly one of k and per_layer, and {', '.join(EXPERT_SETTING[2:])}")
     return args
+
+
+def valid_setting(method: str, setting: dict) -> bool:
+    """Whether ``setting`` (one grid cell's arguments) fits ``method``."""
+    if method in ("diffmean", "prompt"):
+        return set(setting) == ({"layer", "factor"} if method == "diffmean" else set())
+    return set(setting) <= set(EXPERT_SETTING) and ("k" in setting) != ("per_layer" in setting)
 
 
 def split_prompts(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -179,31 +195,33 @@ class Steering:
 
     def __init__(self, model: LazyModel, expert_set, concepts: ConceptSet, out: Path):
         self.model, self.expert_set, self.concepts, self.out = model, expert_set, concepts, out
-        self._means: dict[str, ResidualMeans] = {}
-        self._aligned: dict[str, np.ndarray] = {}
-        self._promoting: dict[str, np.ndarray] = {}
-        self._shifts: dict[str, np.ndarray] = {}
 
+    @functools.cache
     def means(self, concept: str) -> ResidualMeans:
-        if concept not in self._means:
-            path = self.out / "means" / f"{RunFolder.cell_id(concept=concept)}.safetensors"
-            if path.exists():
-                self._means[concept] = ResidualMeans.load(path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._means[concept] = residual_means(self.model.get(self.expert_set), self.concepts[concept])
-                self._means[concept].save(path)
-        return self._means[concept]
+        path = self.out / "means" / f"{RunFolder.cell_id(concept=concept)}.safetensors"
+        if path.exists():
+            return ResidualMeans.load(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        means = residual_means(self.model.get(self.expert_set), self.concepts[concept])
+        means.save(path)
+        return means
 
+    @functools.cache
     def shifts(self, concept: str) -> np.ndarray:
-        if concept not in self._shifts:
-            path = self.out / "means" / f"{RunFolder.cell_id(concept=concept)}.unit_shifts.safetensors"
-            if not path.exists():
-                shifts = unit_shifts(self.model.get(self.expert_set), self.expert_set, self.concepts[concept])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda p: save_file({"shifts": shifts}, str(p)))
-            self._shifts[concept] = load_file(str(path))["shifts"]
-        return self._shifts[concept]
+        path = self.out / "means" / f"{RunFolder.cell_id(concept=concept)}.unit_shifts.safetensors"
+        if not path.exists():
+            shifts = unit_shifts(self.model.get(self.expert_set), self.expert_set, self.concepts[concept])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: save_file({"shifts": shifts}, str(p)))
+        return load_file(str(path))["shifts"]
+
+    @functools.cache
+    def aligned(self, concept: str) -> np.ndarray:
+        return aligned_scores(self.model.get(self.expert_set), self.expert_set, self.means(concept))
+
+    @functools.cache
+    def promoting(self, concept: str) -> np.ndarray:
+        return promoting_scores(self.model.get(self.expert_set), self.expert_set, concept)
 
     def build(self, concept: str, method: str, setting: dict):
         """The steered model of one cell (``method`` ``"base"`` is the unsteered model)."""
@@ -214,27 +232,17 @@ class Steering:
             return steer_prompt(model, concept_word(concept))
         if method == "diffmean":
             return steer_diffmean(model, self.means(concept), setting["layer"], setting["factor"])
-        k, alpha = setting["k"], setting.get("alpha", 1.0)
-        if method == "experts":
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha)
-        if method == "experts_late":
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha,
-                         layers=range(2, len(self.expert_set.sites)))
-        if method == "experts_clamp":
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha, mode="clamp")
-        if method == "experts_aligned":
-            if concept not in self._aligned:
-                self._aligned[concept] = aligned_scores(model, self.expert_set, self.means(concept))
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha, scores=self._aligned[concept])
-        if method == "experts_promoting":
-            if concept not in self._promoting:
-                self._promoting[concept] = promoting_scores(model, self.expert_set, concept)
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha, scores=self._promoting[concept])
-        if method == "experts_add":
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha, mode="add", shifts=self.shifts(concept))
-        if method == "random":
-            return steer(model, self.expert_set, concept, k=k, alpha=alpha, control="random")
-        raise ValueError(method)
+        # An expert setting holds steer()'s own arguments (EXPERT_SETTING); a family adds its own.
+        family = {
+            "experts": dict,
+            "experts_late": lambda: dict(layers=range(2, len(self.expert_set.sites))),
+            "experts_clamp": lambda: dict(mode="clamp"),
+            "experts_aligned": lambda: dict(scores=self.aligned(concept)),
+            "experts_promoting": lambda: dict(scores=self.promoting(concept)),
+            "experts_add": lambda: dict(mode="add", shifts=self.shifts(concept)),
+            "random": lambda: dict(control="random"),
+        }[method]
+        return steer(model, self.expert_set, concept, **setting, **family())
 
 
 def run_cell(steered, scorer, prompts: list[str], args: argparse.Namespace) -> list[dict]:

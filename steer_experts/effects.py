@@ -22,7 +22,7 @@ import torch
 from .experts import ExpertSet
 from .models import LoadedModel
 from .units import final_norm, write_columns
-from .words import concept_word, concept_words
+from .words import concept_forms
 
 
 def first_token_ids(tokenizer, words) -> list[int]:
@@ -46,7 +46,7 @@ def word_effects(model: LoadedModel, experts: ExpertSet, words) -> np.ndarray:
     experts.check_model(model)
     ids = first_token_ids(model.tokenizer, words)
     if not ids:
-        raise ValueError("words is empty; pass the concept word and its forms, e.g. concept_words('football').")
+        raise ValueError("words is empty; pass the concept word and its forms, e.g. concept_forms('football').")
     norm = final_norm(model.model)
     unembedding = model.model.get_output_embeddings().weight.detach()
     readout = (unembedding[ids].double().mean(0) - unembedding.double().mean(0)).to(model.device)
@@ -67,6 +67,6 @@ def promoting_scores(model: LoadedModel, experts: ExpertSet, concept: str, words
     ``steer(..., scores=...)`` to take the top-k experts among the units that promote the word.
     """
     if words is None:
-        words = [w for w in concept_words(concept_word(concept)) if "'" not in w]
+        words = concept_forms(concept)
     ap = experts.expertise.ap[experts.concept_index(concept)].astype(np.float64)
     return np.where(word_effects(model, experts, words) > 0, ap, 0.0)

@@ -414,6 +414,22 @@ def test_every_bound_matches_its_formula_alone_and_mixed():
         assert np.array_equal(got[..., 0], z[..., 0])
 
 
+def test_an_edited_state_is_used_at_the_next_forward():
+    """The split and cast state is cached between forwards; editing the state in place (a new
+    value, a new bound) or calling with another dtype must not reuse the stale copy."""
+    intervention = ExpertIntervention.from_units(4, [1], [1.0], [2.0])
+    base = torch.zeros(1, 2, 4)
+    assert intervention(base)[..., 1].eq(2.0).all()
+    with torch.no_grad():
+        intervention.source_representation[1, 1] = 5.0
+    assert intervention(base)[..., 1].eq(5.0).all()
+    with torch.no_grad():
+        intervention.source_representation[2, 1] = -1.0  # clamp down: min(0, 5) = 0
+    assert intervention(base)[..., 1].eq(0.0).all()
+    assert intervention(base.double() + 7)[..., 1].eq(5.0).all()
+    assert intervention(base.double() + 7).dtype == torch.float64
+
+
 # ----------------------------------------------------------------------------- the interventions on their own
 
 

@@ -65,6 +65,13 @@ def test_concept_words_rejects_empty():
         concept_words("  ")
 
 
+
+def test_concept_forms_drop_possessives_and_capitalise_on_request():
+    from steer_experts.words import concept_forms
+
+    assert concept_forms("football-1_04_00__") == ["football", "footballs"]
+    assert concept_forms("woman", capitalised=True) == ["woman", "Woman", "women", "Women"]
+
 def test_concept_rate_by_hand_footballer_does_not_count():
     texts = [
         "Football is great.",  # base word

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from .test_steering_recipes import example_experts, no_generation  # noqa: F401 
 
 pytestmark = pytest.mark.integration
 
-GRID = {"experts": [{"k": 3, "alpha": 1.0}, {"k": 30, "alpha": 1.0}], "experts_late": [{"k": 3}],
+GRID = {"experts": [{"k": 3, "alpha": 1.0}, {"k": 30, "alpha": 1.0},
+                    {"per_layer": 1, "alpha": 0.5, "value": "on_p90", "positions": "generated"}], "experts_late": [{"k": 3}],
         "experts_clamp": [{"k": 3}], "experts_aligned": [{"k": 3}], "experts_promoting": [{"k": 3}], "experts_add": [{"k": 30, "alpha": 4.0}],
         "random": [{"k": 3}],
         "diffmean": [{"layer": 15, "factor": 0.2}, {"layer": 25, "factor": 0.8}]}
@@ -70,6 +72,29 @@ def test_steering_frontier(example_experts, smollm2, tmp_path, monkeypatch):
         assert sum(bool(r.get("best_variant")) for r in summary["test"] if r["budget"] == budget) <= 1
     assert "| method |" in (out / "report.md").read_text() and is_png(out / "frontier_football.png")
 
+    # a grid setting is steer()'s own arguments: here one unit per layer, moved half way to its on_p90
+    from steer_experts.experts import ExpertSet
+
+    expert_set = ExpertSet.from_pretrained(example_experts)
+    steering = frontier.Steering(SimpleNamespace(get=lambda _=None: smollm2), expert_set, None, out)
+    built = steering.build("football", "experts", GRID["experts"][2])
+    plan = built.plan
+    assert plan.layer.tolist() == list(range(len(expert_set.sites))) and built.positions == "generated"
+    on_p90 = expert_set.expertise.on_p90[expert_set.concept_index("football")]
+    offsets = np.cumsum([0] + [site.width for site in expert_set.sites])[plan.layer]
+    np.testing.assert_array_equal(plan.target, on_p90[offsets + plan.neuron])
+    assert np.all(plan.weight == 0.5)
+
     monkeypatch.setattr(SteeredModel, "complete", no_generation)
     again = frontier.main(argv)  # resumes: every cell is on disk
     assert [r["concept_score"] for r in again["dev"]] == [r["concept_score"] for r in summary["dev"]]
+
+
+@pytest.mark.parametrize("grid", ['{"experts": [{"k": 3, "per_layer": 1}]}', '{"experts": [{"alpha": 1.0}]}',
+                                  '{"experts": [{"k": 3, "mode": "add"}]}', '{"diffmean": [{"layer": 3}]}',
+                                  '{"prompt": [{"k": 3}]}', '{"expert": [{"k": 3}]}', '{"experts": {"k": 3}}'])
+def test_a_grid_setting_that_does_not_fit_its_method_is_refused(grid, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        recipe("steering_frontier").parse_args(["--out", str(tmp_path / "out"), "--grid", grid])
+    assert "--grid" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
