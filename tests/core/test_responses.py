@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 
 import steer_experts.responses as responses_module
-from steer_experts.responses import collect_responses, response_cache_folder
+from steer_experts.errors import CorruptFileError
+from steer_experts.models import CACHE_ENV, LoadedModel
+from steer_experts.responses import CacheRepairWarning, Responses, collect_responses, response_cache_folder
 
 from .test_models import _reference_neurons
 
@@ -146,3 +151,141 @@ def test_bad_pooling_writes_nothing(tiny_model, tmp_path):
 def test_only_special_tokens(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="only special tokens"):
         collect_responses(tiny_model, [tiny_model.tokenizer.eos_token], cache_dir=tmp_path, progress=False)
+
+
+# The cache tests below need one architecture, not five: they run on the tiny llama whose tokenizer adds BOS.
+
+
+def test_cache_folder_names_are_stable(tiny_bos_model, tmp_path, monkeypatch):
+    """The folder is <cache>/responses/<last 60 file-safe characters of the name>-<16 fingerprint digits>/
+    <work>/<16 hex digits>: any change to these names orphans every cache users already computed."""
+    name = "org/" + "m" * 70 + "-v1.5 (q8)"
+    model = LoadedModel(tiny_bos_model.model, tiny_bos_model.tokenizer, name, tiny_bos_model.fingerprint)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    folder = response_cache_folder(model, SENTENCES, "mlp", "max", 128)
+    model_part, work, sentences_hash = folder.relative_to(tmp_path / "responses").parts
+    assert model_part == "m" * 50 + "-v1.5__q8_-" + model.fingerprint[:16]
+    assert work == f"mlp-max-len128-float32-v{responses_module.CACHE_VERSION}"
+    assert re.fullmatch("[0-9a-f]{16}", sentences_hash)
+
+
+def test_truncation_counts_the_bos_token(tiny_bos_model, tmp_path):
+    """A sentence of exactly max_length tokens, BOS included, is not truncated; with one token less it is."""
+    n = len(tiny_bos_model.tokenizer("Music.")["input_ids"])
+    assert n >= 3  # BOS and two tokens: cut by one, a word is left to pool
+    kw = dict(cache_dir=tmp_path, progress=False)
+    assert collect_responses(tiny_bos_model, ["Music."], max_length=n, **kw).truncated == 0
+    assert collect_responses(tiny_bos_model, ["Music."], max_length=n - 1, **kw).truncated == 1
+
+
+def test_the_plan_batches_sentences_by_length(tiny_bos_model, tmp_path):
+    """The manifest's plan orders sentences by token count, so each batch pads little."""
+    lengths = [len(ids) for ids in tiny_bos_model.tokenizer(SENTENCES)["input_ids"]]
+    assert lengths != sorted(lengths)  # in the given order the plan would not be sorted
+    r = collect_responses(tiny_bos_model, SENTENCES, batch_size=2, shard_size=2, cache_dir=tmp_path, progress=False)
+    plan = json.loads((r.folder / "manifest.json").read_text())["shards"]
+    order = [i for shard in plan for batch in shard for i in batch]
+    assert sorted(order) == list(range(len(SENTENCES)))
+    assert [lengths[i] for i in order] == sorted(lengths)
+
+
+def test_reading_the_cache(tiny_bos_model, tmp_path):
+    """Responses are float32; a Responses made by hand (no plan, so n_shards is None) reads every shard file
+    in the folder; a deleted shard is an error that counts the missing rows and says what to do."""
+    r = collect_responses(tiny_bos_model, SENTENCES, batch_size=2, shard_size=2, cache_dir=tmp_path, progress=False)
+    full = r.to_numpy()
+    assert full.dtype == np.float32 and r.columns(2, 5).dtype == np.float32
+    assert np.array_equal(Responses(r.folder, r.sites, len(SENTENCES), r.truncated).to_numpy(), full)
+    plan = json.loads((r.folder / "manifest.json").read_text())["shards"]
+    assert len(plan[0][0]) == 2  # so the message below counts 2 missing rows, not the 3 still there
+    (r.folder / "shard-00000.safetensors").unlink()
+    with pytest.raises(CorruptFileError) as error:
+        r.columns(0, 4)
+    assert str(error.value) == (f"The response cache {r.folder} lacks 2 sentences' rows (a shard was deleted?). "
+                                "Run collect_responses again to fill it.")
+
+
+def _edit_manifest(change):
+    def edit(text):
+        manifest = json.loads(text)
+        change(manifest)
+        return json.dumps(manifest)
+    return edit
+
+
+def _drop_a_row(manifest):
+    manifest["shards"][1][0] = manifest["shards"][1][0][:1]  # every batch still has a row
+
+
+MANIFEST_DAMAGE = {
+    "truncated": (lambda text: text[: len(text) // 2], "it is not valid JSON (truncated?)"),
+    "a list": (lambda text: "[]", "it is not a JSON object"),
+    "other settings": (_edit_manifest(lambda m: m.update(fingerprint="0" * 32, pooling="mean")),
+                       "it was written for other settings (fingerprint, pooling)"),
+    "no checksums": (_edit_manifest(lambda m: m.pop("checksums")), "fields are missing"),
+    "plan of words": (_edit_manifest(lambda m: m.update(shards="all of them")),
+                      "its plan is not lists of sentence indices"),
+    "plan missing a row": (_edit_manifest(_drop_a_row), "its plan does not cover every sentence exactly once"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_DAMAGE)
+def test_damaged_manifest_warns_why_and_is_recomputed(tiny_bos_model, tmp_path, case):
+    """A manifest that cannot be trusted gives one CacheRepairWarning saying what is wrong with it, and the
+    folder is recomputed to the same responses."""
+    damage, why = MANIFEST_DAMAGE[case]
+    kw = dict(batch_size=2, shard_size=2, cache_dir=tmp_path, progress=False)
+    first = collect_responses(tiny_bos_model, SENTENCES, **kw)
+    path = first.folder / "manifest.json"
+    path.write_text(damage(path.read_text()))
+    with pytest.warns(CacheRepairWarning) as record:
+        again = collect_responses(tiny_bos_model, SENTENCES, **kw).to_numpy()
+    assert [str(w.message) for w in record if w.category is CacheRepairWarning] == [
+        f"Response cache manifest {path} is corrupt ({why}); recomputing this cache folder."]
+    assert np.array_equal(again, first.to_numpy())
+
+
+def test_resume_recomputes_only_missing_and_damaged_shards(tiny_bos_model, tmp_path, monkeypatch):
+    """With shard 0 deleted and a bit of shard 1 flipped, a rerun warns about shard 1 alone, recomputes
+    shards 0 and 1 and keeps shard 2 (after a missing shard, the others are still checked)."""
+    kw = dict(batch_size=2, shard_size=2, cache_dir=tmp_path, progress=False)
+    first = collect_responses(tiny_bos_model, SENTENCES, **kw).to_numpy()
+    folder = response_cache_folder(tiny_bos_model, SENTENCES, "mlp", "max", 128, tmp_path)
+    (folder / "shard-00000.safetensors").unlink()
+    damaged = folder / "shard-00001.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 1
+    damaged.write_bytes(bytes(data))
+    real_store, stored = responses_module._store_shard, []
+    monkeypatch.setattr(responses_module, "_store_shard", lambda f, i, t: (stored.append(i), real_store(f, i, t)))
+    with pytest.warns(CacheRepairWarning) as record:
+        again = collect_responses(tiny_bos_model, SENTENCES, **kw).to_numpy()
+    assert [str(w.message) for w in record if w.category is CacheRepairWarning] == [
+        f"Response cache shard {damaged} does not match its checksum (truncated or overwritten); recomputing it."]
+    assert stored == [0, 1]
+    assert np.array_equal(again, first)
+
+
+def test_plan_shrunk_by_another_run_stops_this_one(tiny_bos_model, tmp_path, monkeypatch):
+    """When another run replaces the plan by one with fewer shards, storing a shard beyond them stops this run
+    with a CorruptFileError that says to run again."""
+    folder = response_cache_folder(tiny_bos_model, SENTENCES, "mlp", "max", 128, tmp_path)
+    real_stack, calls = responses_module.decoder_stack, []
+
+    def stack_then_replan(model):
+        stack = real_stack(model)
+
+        def forward(**inputs):
+            calls.append(1)
+            if len(calls) == 2:  # shard 0 is stored; the other run's plan has one shard, so ours is now shard 1 of 1
+                manifest = json.loads((folder / "manifest.json").read_text())
+                manifest.update(shards=[[list(range(len(SENTENCES)))]], checksums={})
+                (folder / "manifest.json").write_text(json.dumps(manifest))
+            return stack(**inputs)
+        return forward
+
+    monkeypatch.setattr(responses_module, "decoder_stack", stack_then_replan)
+    with pytest.raises(CorruptFileError) as error:
+        collect_responses(tiny_bos_model, SENTENCES, batch_size=1, shard_size=1, cache_dir=tmp_path, progress=False)
+    assert str(error.value) == (f"The plan of the response cache {folder} changed while this run was writing it "
+                                "(another run repaired the cache). Run again: finished shards are kept.")
