@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,10 @@ CACHE_VERSION = 2
 
 class CacheRepairWarning(UserWarning):
     """A cache file was corrupt (bad checksum, unreadable manifest) and is being recomputed."""
+
+
+# a repair warning points past these, at the user's line
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules[__package__], torch))
 
 
 @dataclass
@@ -160,6 +166,16 @@ def _valid_manifest(manifest, expected: dict) -> str | None:
     return None
 
 
+def _warn_repair(message: str) -> None:
+    """Warn with a CacheRepairWarning pointed at the caller's own line: the first frame outside this
+    package and torch (a fixed stacklevel cannot be right: collect_responses is reached through
+    torch.no_grad, and directly or through discover)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, CacheRepairWarning, stacklevel=level)
+
+
 def _read_manifest(path: Path, expected: dict) -> dict | None:
     """The manifest at ``path`` if it can be trusted; None (after a warning) if it exists but cannot."""
     if not path.exists():
@@ -171,8 +187,7 @@ def _read_manifest(path: Path, expected: dict) -> dict | None:
         why = "it is not valid JSON (truncated?)"
     if why is None:
         return manifest
-    warnings.warn(f"Response cache manifest {path} is corrupt ({why}); recomputing this cache folder.",
-                  CacheRepairWarning, stacklevel=3)
+    _warn_repair(f"Response cache manifest {path} is corrupt ({why}); recomputing this cache folder.")
     return None
 
 
@@ -191,8 +206,8 @@ def _verified_shards(folder: Path, manifest: dict) -> set[int]:
         if expected is not None and file_checksum(path) == expected:
             good.add(i)
         elif expected is not None:
-            warnings.warn(f"Response cache shard {path} does not match its checksum (truncated or overwritten); "
-                          "recomputing it.", CacheRepairWarning, stacklevel=3)
+            _warn_repair(f"Response cache shard {path} does not match its checksum (truncated or overwritten); "
+                         "recomputing it.")
     return good
 
 

@@ -242,6 +242,7 @@ def test_damaged_manifest_warns_why_and_is_recomputed(tiny_bos_model, tmp_path, 
         again = collect_responses(tiny_bos_model, SENTENCES, **kw).to_numpy()
     assert [str(w.message) for w in record if w.category is CacheRepairWarning] == [
         f"Response cache manifest {path} is corrupt ({why}); recomputing this cache folder."]
+    assert [w.filename for w in record if w.category is CacheRepairWarning] == [__file__]  # the caller's line
     assert np.array_equal(again, first.to_numpy())
 
 
@@ -262,6 +263,7 @@ def test_resume_recomputes_only_missing_and_damaged_shards(tiny_bos_model, tmp_p
         again = collect_responses(tiny_bos_model, SENTENCES, **kw).to_numpy()
     assert [str(w.message) for w in record if w.category is CacheRepairWarning] == [
         f"Response cache shard {damaged} does not match its checksum (truncated or overwritten); recomputing it."]
+    assert [w.filename for w in record if w.category is CacheRepairWarning] == [__file__]
     assert stored == [0, 1]
     assert np.array_equal(again, first)
 
