@@ -28,6 +28,11 @@ Methods (each one family of settings; ``--methods`` picks some):
   as the first four expert variants together).
 * ``prompt`` -- an instruction to write about the concept, in the chat template.
 
+``--grid`` replaces a method's settings: DiffMean's are ``layer`` and ``factor``; an expert
+family's (and random's) are :func:`steer`'s own arguments -- exactly one of ``k`` and
+``per_layer``, and optionally ``alpha``, ``value`` (e.g. ``"on_p90"``) and ``positions``
+(``"generated"``) -- so ``recipes/grids/variants.json`` measures those choices too.
+
 The best expert variant is chosen on dev among the ``experts*`` families.
 Scores of a text: the concept classifier (logistic regression on all-MiniLM-L6-v2
 embeddings, fitted on the concept's positives vs negatives; its held-out
