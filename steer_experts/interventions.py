@@ -136,9 +136,10 @@ class ExpertIntervention(ConstantSourceIntervention, LocalistRepresentationInter
         state = self.source_representation
         if state is None:
             raise RuntimeError("ExpertIntervention has no state: it was built without source_representation.")
-        key = (state.data_ptr(), state._version, device, dtype)
+        # the cache holds the state tensor itself, so a new tensor never passes for it
+        key = (state, state._version, device, dtype)
         cached = self.__dict__.get("_prepared_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0][0] is not state or cached[0][1:] != key[1:]:
             # .to is a no-op when device and dtype already match; after pyvene's load the
             # state may be a plain attribute that model.to(...) did not move.
             weight, target, bound = state.to(device, dtype)

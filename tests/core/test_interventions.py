@@ -428,6 +428,8 @@ def test_an_edited_state_is_used_at_the_next_forward():
     assert intervention(base)[..., 1].eq(0.0).all()
     assert intervention(base.double() + 7)[..., 1].eq(5.0).all()
     assert intervention(base.double() + 7).dtype == torch.float64
+    intervention.source_representation = ExpertIntervention.from_units(4, [2], [1.0], [3.0]).source_representation
+    assert intervention(base)[..., 2].eq(3.0).all() and intervention(base)[..., 1].eq(0.0).all()
 
 
 # ----------------------------------------------------------------------------- the interventions on their own
