@@ -136,17 +136,17 @@ class ExpertIntervention(ConstantSourceIntervention, LocalistRepresentationInter
         state = self.source_representation
         if state is None:
             raise RuntimeError("ExpertIntervention has no state: it was built without source_representation.")
-        # the cache holds the state tensor itself, so a new tensor never passes for it
-        key = (state, state._version, device, dtype)
+        # the cache holds the state tensor itself, so a new tensor at a freed address never passes for it
         cached = self.__dict__.get("_prepared_cache")
-        if cached is None or cached[0][0] is not state or cached[0][1:] != key[1:]:
+        if cached is None or cached[0] is not state or cached[1] != (state._version, device, dtype):
             # .to is a no-op when device and dtype already match; after pyvene's load the
             # state may be a plain attribute that model.to(...) did not move.
             weight, target, bound = state.to(device, dtype)
             kinds = torch.unique(bound[weight != 0]).tolist()
             kind = int(kinds[0]) if len(kinds) == 1 else (SET if not kinds else None)
-            cached = self.__dict__["_prepared_cache"] = (key, (weight, target, bound, kind))
-        return cached[1]
+            cached = self.__dict__["_prepared_cache"] = (state, (state._version, device, dtype),
+                                                         (weight, target, bound, kind))
+        return cached[2]
 
     def __str__(self):
         return f"ExpertIntervention({int((self.weight != 0).sum())} of {self.weight.numel()} units)"

@@ -81,12 +81,12 @@ def concept_words(concept: str, extra: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys(w for w in words if w))
 
 
-
 def concept_forms(concept: str, capitalised: bool = False) -> list[str]:
     """The word of ``concept`` (a concept name or a word) and its plurals, without possessives:
     the forms a next token can start. ``capitalised`` follows each form with its capitalised one."""
     forms = [w for w in concept_words(concept_word(concept)) if "'" not in w]
     return list(dict.fromkeys(f for w in forms for f in ((w, w.capitalize()) if capitalised else (w,))))
+
 
 @functools.lru_cache(maxsize=64)
 def words_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
