@@ -25,7 +25,7 @@ from _common import MEN, LazyModel, RunFolder, parse, recipe_parser, run_recipe 
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.ratings import greedy_word_choice, load_men  # noqa: E402
-from steer_experts.lens.writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
+from steer_experts.writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
 
 
 def choose_words(args) -> list[str]:
@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-positives", type=int, default=100)
     p.add_argument("--styles", default=",".join(PROMPTS), help=f"comma-separated, from {list(PROMPTS)}")
     p.add_argument("--batch-size", type=int, default=48, help="prompts per round (one word per round)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-words", type=int, default=40, help="longest sentence kept, in words")
     p.add_argument("--max-rounds", type=int, default=30, help="rounds per word before giving up")
+    p.add_argument("--backend", default="auto", choices=("auto", "ctranslate2", "transformers"),
+                   help="what writes (auto: CTranslate2 where it converts the model, else transformers)")
     p.add_argument("--budget-minutes", type=float, help="start no new round after this much wall time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parse(p, argv)  # --model: an instruct model with a chat template
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     run.write("words.txt", "\n".join(words) + "\n")
     settings = WritingSettings(n_positives=args.n_positives, styles=tuple(args.styles.split(",")),
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               max_words=args.max_words, max_rounds=args.max_rounds, seed=args.seed)
+                               max_words=args.max_words, max_rounds=args.max_rounds, seed=args.seed,
+                               backend=args.backend)
     print(f"Writing {settings.n_positives} positives for {len(words)} words with {args.model} "
           f"into {out / 'concepts'}", file=sys.stderr)
     model = LazyModel(args).get()

@@ -15,21 +15,32 @@ What a concept is scored against is ``negatives``:
 
 :func:`held_out_expertise` asks whether experts are found reliably: chosen on one
 half of a concept's sentences, do they keep their AP on the other half?
+
+:func:`discover_word` needs no data at all: the model writes the word's positives
+(:mod:`~steer_experts.writing`), the neutral sentence bank gives its negatives, and the
+expert set is cached, so asking again for the same word costs a load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .concepts import ConceptSet
+from .atomic import file_safe
+from .concepts import Concept, ConceptSet
 from .errors import InvalidArgumentError
 from .expertise import compute_expertise
-from .experts import ExpertSet
-from .models import LoadedModel
+from .experts import CONFIG_NAME, ExpertSet
+from .models import LoadedModel, cache_root
 from .responses import collect_responses
+from .writing import ChatSampler, WritingSettings, chat_sampler, neutral_negatives, write_concepts
+from .writing.neutral_bank import bank_provenance
 
 NEGATIVES = ("sampled", "per_concept", "contrast")
 
@@ -55,6 +66,75 @@ def discover(model: LoadedModel, concepts: ConceptSet, *, negatives: str = "samp
     if negatives == "contrast":
         return _discover_contrast(model, concepts, collect)
     return _discover_together(model, concepts, seed, collect)
+
+
+class WordNotUsableError(InvalidArgumentError):
+    """Raised when the writer cannot write enough sentences naming a word within its rounds."""
+
+
+def check_concept_word(word: str) -> str:
+    """``word`` with its white space folded, lower case; :class:`InvalidArgumentError` if it has no letter."""
+    cleaned = " ".join(word.split()).lower()
+    if not re.search(r"[^\W\d_]", cleaned):
+        raise InvalidArgumentError(f"The concept word {cleaned!r} has no letter; give a word such as 'ocean'.")
+    return cleaned
+
+
+def discover_word(model: LoadedModel, word: str, *, n_positives: int = 100, n_negatives: int = 400,
+                  min_positives: int = 25, writing: WritingSettings | None = None, sampler: ChatSampler | None = None,
+                  pooling: str = "max", max_length: int = 128, batch_size: int = 32, seed: int = 0,
+                  progress: bool = True) -> ExpertSet:
+    """The experts of the concept named by ``word``, from no data: ``n_positives`` sentences the model
+    writes about the word (``writing``: prompts, rounds, backend; ``sampler`` replaces the backend's)
+    against ``n_negatives`` sentences of the neutral bank that never mention it.
+
+    The expert set is cached under ``<cache>/word_experts/``, keyed by the model's fingerprint, the
+    word and every setting (the writing backend that runs included); the written sentences under
+    ``<cache>/word_concepts/``, where an interrupted writing run resumes.
+
+    Raises:
+        InvalidArgumentError: an empty word, or one with no letter.
+        WordNotUsableError: fewer than ``min_positives`` sentences naming the word after the writer's
+            ``max_rounds`` rounds.
+    """
+    word = check_concept_word(word)
+    if not 1 <= min_positives <= n_positives or n_negatives < 1:
+        raise InvalidArgumentError("Need 1 <= min_positives <= n_positives and n_negatives >= 1; got "
+                                   f"{min_positives}, {n_positives} and {n_negatives}.")
+    settings = replace(writing or WritingSettings(), n_positives=n_positives)
+    sampler = sampler or chat_sampler(model, settings.backend)
+    writing_key = {"model": model.fingerprint, **settings.generation_key(), "backend": sampler.name}
+    bank = bank_provenance()
+    key = {**writing_key, "word": word, "n_positives": n_positives, "max_rounds": settings.max_rounds,
+           "n_negatives": n_negatives, "bank": [bank["model_fingerprint"], bank["sentences"]], "pooling": pooling,
+           "max_length": max_length, "seed": seed}
+    folder = cache_root() / "word_experts" / f"{file_safe(word, last=40)}-{_digest(key)}"
+    if (folder / CONFIG_NAME).exists():
+        return ExpertSet.from_pretrained(folder, model)
+    writing_folder = cache_root() / "word_concepts" / f"{file_safe(model.name, keep='-_.', last=40)}-{_digest(writing_key)}"
+    written = write_concepts(model, [word], writing_folder, settings, progress=progress, sampler=sampler).words[0]
+    positives = tuple(k["text"] for k in written.kept[:n_positives])
+    if len(positives) < min_positives:
+        raise WordNotUsableError(
+            f"The writer kept only {len(positives)} sentences naming {word!r} in {written.rounds} rounds "
+            f"(need {min_positives}): {written.counts['no_mention']} of {written.counts['generated']} candidate "
+            "sentences did not name it. Check the spelling, use a more common word, or pass sentences with --concepts.")
+    concepts = ConceptSet([Concept(word, positives, tuple(neutral_negatives(word, n_negatives, seed)))])
+    expert_set = discover(model, concepts, pooling=pooling, max_length=max_length, batch_size=batch_size,
+                          seed=seed, progress=progress)
+    expert_set.metadata.update(word=word, positives="written by the model", negatives="neutral sentence bank",
+                               writing_backend=sampler.name, writing_rounds=written.rounds)
+    return ExpertSet.from_pretrained(expert_set.save_pretrained(folder), model)
+
+
+def discover_words(model: LoadedModel, words: Sequence[str], **settings) -> ExpertSet:
+    """One expert set over several words, each found (and cached) by :func:`discover_word` with ``settings``."""
+    return ExpertSet.concat([discover_word(model, w, **settings) for w in words],
+                            {"discovered": "each word from written positives against the neutral bank"})
+
+
+def _digest(key: dict) -> str:
+    return hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 def _discover_together(model: LoadedModel, concepts: ConceptSet, seed: int, collect: dict) -> ExpertSet:

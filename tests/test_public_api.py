@@ -13,7 +13,7 @@ from steer_experts.errors import SteerExpertsError
 
 PACKAGE = Path(steer_experts.__file__).resolve().parent
 # README's reading order of the core modules: none imports one listed after it.
-PIPELINE = ("errors", "atomic", "integrity", "hub", "words", "concepts", "models", "units", "responses",
+PIPELINE = ("errors", "atomic", "integrity", "hub", "words", "concepts", "models", "units", "writing", "responses",
             "expertise", "experts", "discovery", "effects", "interventions", "model_card", "steering", "diffmean", "prompting",
             "calibration", "figures", "cli")
 
@@ -37,24 +37,28 @@ def test_a_unit_kind_can_be_registered_with_the_exported_site_type():
         == "model.layers[0].mlp.down_proj.input"
 
 
-def _imported_modules(path: Path) -> set[str]:
-    """The sibling core modules ``path`` imports (``from .x import ...``), wherever the import sits."""
+def _imported_modules(module: str) -> set[str]:
+    """The core modules that ``module`` (a module, or a subpackage's files) imports (``from .x import ...``;
+    ``from ..x`` inside a subpackage), wherever the import sits."""
+    path = PACKAGE / module
+    files, level = (sorted(path.glob("*.py")), 2) if path.is_dir() else ([path.with_suffix(".py")], 1)
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            names.add(node.module.split(".")[0])
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == level and node.module:
+                names.add(node.module.split(".")[0])
     return names
 
 
 @pytest.mark.parametrize("module", PIPELINE)
 def test_no_stage_imports_a_later_one(module):
     later = set(PIPELINE[PIPELINE.index(module) + 1:])
-    assert _imported_modules(PACKAGE / f"{module}.py") & later == set()
+    assert _imported_modules(module) & later == set()
 
 
 def test_the_core_never_reaches_into_the_lens():
     for module in PIPELINE[:-1]:  # the CLI exposes the lens queries
-        assert "lens" not in _imported_modules(PACKAGE / f"{module}.py"), module
+        assert "lens" not in _imported_modules(module), module
 
 
 def test_every_public_function_has_a_docstring():

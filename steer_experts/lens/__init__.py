@@ -6,5 +6,6 @@
 * :mod:`.baselines` -- the similarities experts are compared with (word, contextual, sentence embeddings).
 * :mod:`.queries` -- label a neuron, search a concept's experts, audit concepts declared unrelated.
 * :mod:`.organisation` -- clustering of concepts and where their experts sit.
-* :mod:`.writing` -- concept sentences written by a local instruct model.
+
+Their concept data can be written by a local model: :mod:`steer_experts.writing`.
 """

@@ -175,3 +175,38 @@ def test_generate_prints_the_unsteered_and_the_steered_text_in_their_columns(tin
             h.remove()
     assert plain != steered  # else the columns could be swapped unseen
     assert (left, right) == (plain, steered)
+
+
+@pytest.mark.integration
+def test_steer_toward_a_word_with_no_data(smollm2, tmp_path, capsys, monkeypatch):
+    """`steer` on a word in no data file writes its positives, takes negatives from the bank, discovers,
+    prints both continuations and saves the steered model; a second run reuses the cached expert set
+    (neither writing nor discovery runs) and prints the same text."""
+    from steer_experts import discovery
+    from steer_experts.steering import SteeredModel
+
+    monkeypatch.setenv("STEER_EXPERTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("steer_experts.models.load_model", lambda *a, **k: smollm2)
+    command = ["steer", "Yesterday I saw", "--concept", "lantern", "--n-positives", "30", "--n-negatives", "60",
+               "--max-new-tokens", "12"]
+    assert main(command + ["--save", str(tmp_path / "steered")]) == 0
+    first = capsys.readouterr()
+    assert "experts of 'lantern': 30 sentences written by ctranslate2-int8 vs 60 from the neutral sentence bank" \
+        in first.err
+    assert "unsteered" in first.out and "steered toward lantern" in first.out
+    saved = SteeredModel.from_pretrained(tmp_path / "steered", smollm2)
+    assert saved.spec.concepts == {"lantern": 1.0}
+
+    monkeypatch.setattr(discovery, "write_concepts", lambda *a, **k: pytest.fail("wrote again"))
+    monkeypatch.setattr(discovery, "discover", lambda *a, **k: pytest.fail("discovered again"))
+    assert main(command) == 0
+    again = capsys.readouterr()
+    assert again.out == first.out.split("\nWrote ")[0]
+
+
+def test_steer_refuses_a_word_it_cannot_use(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["steer", "Hello", "--concept", " "])
+    assert exit_info.value.code == 2 and "must not be empty" in capsys.readouterr().err
+    assert main(["steer", "Hello", "--concept", "1984"]) == 2  # before any model loads: no fixture needed
+    assert "The concept word '1984' has no letter" in capsys.readouterr().err

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_experts.lens.writing import (
+from steer_experts.writing import (
     DROP_REASONS, ConceptWriter, WritingSettings, round_prompts, round_seed, sentence_problem, split_sentences,
     write_concepts,
 )
@@ -42,6 +43,17 @@ def test_split_sentences_removes_list_markers():
     text = "Here are five facts:\n1. Dogs bark loudly. Cats meow!\n2) \"Dogs are fun.\" They run.\n- A dog sleeps"
     assert split_sentences(text) == ["Here are five facts:", "Dogs bark loudly.", "Cats meow!", "\"Dogs are fun.\"",
                                      "They run.", "A dog sleeps"]
+
+
+def test_split_sentences_does_not_end_a_sentence_at_a_title():
+    text = "Dr. Lee met Mrs. Park at St. Mary's. She is a doctor, e.g. for children. Bye now."
+    assert split_sentences(text) == ["Dr. Lee met Mrs. Park at St. Mary's.", "She is a doctor, e.g. for children.",
+                                     "Bye now."]
+
+
+def test_sentence_problem_without_a_pattern_needs_no_mention():
+    assert sentence_problem("The cat sleeps on the mat.", None, 4, 20) is None
+    assert sentence_problem("The cat sleeps on", None, 4, 20) == "incomplete"
 
 
 @pytest.mark.parametrize("sentence, reason", [
@@ -91,12 +103,14 @@ def _one_thread(one_torch_thread):
 SMALL = dict(batch_size=4, max_new_tokens=12, n_positives=50)
 
 
-def test_same_seed_same_state_and_resume_is_exact(tiny_instruct, tmp_path):
-    once = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "a", WritingSettings(max_rounds=2, **SMALL),
+@pytest.mark.parametrize("backend", ["ctranslate2", "transformers"])
+def test_same_seed_same_state_and_resume_is_exact(tiny_instruct, tmp_path, tiny_cache, backend):
+    small = dict(SMALL, backend=backend)
+    once = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "a", WritingSettings(max_rounds=2, **small),
                           progress=False)
-    first = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "b", WritingSettings(max_rounds=1, **SMALL),
+    first = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "b", WritingSettings(max_rounds=1, **small),
                            progress=False)
-    resumed = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "b", WritingSettings(max_rounds=2, **SMALL),
+    resumed = write_concepts(tiny_instruct, ["dog", "cat"], tmp_path / "b", WritingSettings(max_rounds=2, **small),
                              progress=False)
     strip = lambda p: {k: v for k, v in asdict(p).items() if k != "seconds"}  # noqa: E731
     assert [strip(p) for p in once.words] == [strip(p) for p in resumed.words]
@@ -106,7 +120,7 @@ def test_same_seed_same_state_and_resume_is_exact(tiny_instruct, tmp_path):
         assert p.counts["generated"] == p.counts["kept"] + sum(p.counts[r] for r in DROP_REASONS)
         assert 0 < p.tokens <= 2 * SMALL["batch_size"] * SMALL["max_new_tokens"]
     other_seed = write_concepts(tiny_instruct, ["dog"], tmp_path / "c",
-                                WritingSettings(max_rounds=1, seed=1, **SMALL), progress=False)
+                                WritingSettings(max_rounds=1, seed=1, **small), progress=False)
     assert other_seed.words[0].tokens != once.words[0].tokens or other_seed.words[0].counts != once.words[0].counts
 
 
@@ -145,7 +159,7 @@ def scripted_instruct(tokenizer):
 def test_resume_keeps_the_sentences_already_written(scripted_instruct, tmp_path):
     """Two rounds in one run and one round then a resumed second keep the same sentences, in the same
     order, in the state and in the concept file; the resumed run starts from the saved sentences."""
-    settings = dict(batch_size=4, max_new_tokens=24, n_positives=50)
+    settings = dict(batch_size=4, max_new_tokens=24, n_positives=50, backend="transformers")
     words = ["dog", "cat"]
     once = write_concepts(scripted_instruct, words, tmp_path / "a", WritingSettings(max_rounds=2, **settings),
                           progress=False)
@@ -166,10 +180,51 @@ def test_resume_keeps_the_sentences_already_written(scripted_instruct, tmp_path)
     assert resumed.run_kept == sum(len(a.kept) - len(f.kept) for a, f in zip(once.words, first.words))
 
 
-def test_other_settings_are_refused(tiny_instruct, tmp_path):
+class ScriptedSampler:
+    """Answers each message about dogs with two seeded sentences, one naming the dog and one not; raises
+    KeyboardInterrupt (a killed run) on the call numbered ``fail_on``."""
+
+    name = "scripted"
+
+    def __init__(self, fail_on: int | None = None):
+        self.calls, self.fail_on = 0, fail_on
+
+    def sample(self, messages, seed, sampling):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt
+        rng = np.random.default_rng(seed)
+        answers = []
+        for _ in messages:
+            n = rng.integers(0, 40)
+            answers.append(f"1. My dog walked {n} miles by the river today.\n2. The rain fell for {n} hours.")
+        return answers, 10 * len(messages)
+
+
+def test_a_killed_run_resumes_where_it_stopped(tiny_instruct, tmp_path):
+    """A run killed in its third round keeps its first two rounds on disk; the rerun does the rest and
+    ends as an uninterrupted run does. The everyday style keeps sentences that do not name the word."""
+    settings = WritingSettings(batch_size=3, n_positives=1000, max_rounds=3, styles=("facts", "everyday"))
+    whole = write_concepts(tiny_instruct, ["dog"], tmp_path / "a", settings, progress=False,
+                           sampler=ScriptedSampler()).words[0]
+    with pytest.raises(KeyboardInterrupt):
+        write_concepts(tiny_instruct, ["dog"], tmp_path / "b", settings, progress=False, sampler=ScriptedSampler(3))
+    saved = ConceptWriter(tiny_instruct, tmp_path / "b", settings, ScriptedSampler()).progress_of("dog")
+    assert saved.rounds == 2 and 0 < len(saved.kept) < len(whole.kept)
+    resumed = write_concepts(tiny_instruct, ["dog"], tmp_path / "b", settings, progress=False,
+                             sampler=ScriptedSampler()).words[0]
+    assert asdict(resumed) | {"seconds": 0} == asdict(whole) | {"seconds": 0}
+    assert (tmp_path / "b" / "dog.jsonl").read_text() == (tmp_path / "a" / "dog.jsonl").read_text()
+    styles = {k["style"] for k in whole.kept if "dog" not in k["text"]}
+    assert styles == {"everyday"}  # sentences without the word come from the everyday style only
+
+
+def test_other_settings_are_refused(tiny_instruct, tmp_path, tiny_cache):
     write_concepts(tiny_instruct, ["dog"], tmp_path, WritingSettings(max_rounds=1, **SMALL), progress=False)
     with pytest.raises(ConceptDataError, match="temperature"):
         ConceptWriter(tiny_instruct, tmp_path, WritingSettings(temperature=0.5, **SMALL))
+    with pytest.raises(ConceptDataError, match="backend"):  # the other backend would sample other sentences
+        ConceptWriter(tiny_instruct, tmp_path, WritingSettings(backend="transformers", **SMALL))
 
 
 @pytest.mark.integration

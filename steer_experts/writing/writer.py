@@ -4,11 +4,14 @@ For each word, the model is asked (through its chat template) for short facts
 and short stories about the word. The answers are split into sentences, and a
 sentence is kept only if it is complete, of bounded length, free of emoji and
 control characters, new for that word, and mentions the word or an inflection
-of it. Negatives are not written: they are drawn from the other concepts'
-sentences by :meth:`ConceptSet.with_sampled_negatives`.
+of it. Answers come from a chat sampler (:mod:`.samplers`: CTranslate2 where it
+converts the model, else transformers). Negatives are not written per word:
+they come from the other concepts' sentences
+(:meth:`ConceptSet.with_sampled_negatives`) or from the neutral sentence bank
+(:mod:`.neutral_bank`), which this writer wrote once with the "everyday" style.
 
 Generation runs in *rounds*: one round is one batch of prompts for one word
-(left-padded), sampled under a seed derived from (seed, word, round). A word's
+sampled under a seed derived from (seed, word, round). A word's
 sentences therefore depend only on the settings and the word, never on the
 other words, the batching of other words, or where an interrupted run stopped.
 
@@ -34,13 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, file_safe, settings_changes
 from ..concepts import ConceptDataError
 from ..models import LoadedModel
 from ..words import mention_pattern
+from .samplers import BACKENDS, ChatSampler, Sampling, chat_sampler
 
 # Several phrasings per style: the same prompt sampled many times repeats itself.
 PROMPTS: dict[str, tuple[str, ...]] = {
@@ -57,7 +60,15 @@ PROMPTS: dict[str, tuple[str, ...]] = {
         'Write a three-sentence story for children about "{word}". Mention "{word}" in every sentence.',
         'Write a short scene of three sentences where "{word}" matters. Say "{word}" in each sentence.',
     ),
+    # For the neutral sentence bank: everyday text on a topic, which need not name the topic.
+    "everyday": (
+        "Write five short, ordinary sentences about {word}. Put each sentence on its own line.",
+        "Describe a normal day involving {word} in five simple sentences, one per line.",
+        "Write five plain sentences that someone might say about {word}. One sentence per line.",
+        "Write a short story of four simple sentences about {word}.",
+    ),
 }
+MENTION_FREE_STYLES = frozenset({"everyday"})  # their sentences are kept whether or not they name the word
 
 
 @dataclass(frozen=True)
@@ -68,23 +79,29 @@ class WritingSettings:
         n_positives: kept sentences wanted per word.
         styles: prompt styles to alternate (keys of ``PROMPTS``).
         batch_size: prompts per round (one generation batch, all for one word).
-        max_new_tokens: generated tokens per prompt.
-        temperature, top_p: sampling settings.
+        max_new_tokens: generated tokens per prompt (at 64, a quarter of the candidate sentences were cut
+            off by the limit; at 128, a seventh).
+        temperature, top_k, top_p: sampling settings (top_k 0: no top-k cut). A top-k cut of 50 keeps
+            CTranslate2 from sorting SmolLM2's whole 49,152-token vocabulary at every step: 1.6x its tokens/s.
         min_words, max_words: a kept sentence has this many words (inclusive).
         max_rounds: rounds per word before giving up on reaching ``n_positives``.
         seed: base seed; round seeds derive from (seed, word, round).
+        backend: what samples the answers, one of ``BACKENDS`` (see :func:`~.samplers.chat_sampler`);
+            the backend that actually runs is recorded with the folder's settings.
     """
 
     n_positives: int = 100
     styles: tuple[str, ...] = ("facts", "stories")
     batch_size: int = 48
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     temperature: float = 0.9
+    top_k: int = 50
     top_p: float = 0.95
     min_words: int = 4
     max_words: int = 40
     max_rounds: int = 30
     seed: int = 0
+    backend: str = "auto"
 
     def __post_init__(self):
         unknown = [s for s in self.styles if s not in PROMPTS]
@@ -92,13 +109,18 @@ class WritingSettings:
             raise ValueError(f"Unknown or no styles {list(self.styles)}; choose from {sorted(PROMPTS)}.")
         if min(self.n_positives, self.batch_size, self.max_new_tokens, self.max_rounds, self.min_words) < 1:
             raise ValueError("n_positives, batch_size, max_new_tokens, max_rounds and min_words must be >= 1.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no top-k cut), got {self.top_k}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}.")
         if self.max_words < self.min_words:
             raise ValueError(f"max_words ({self.max_words}) must be >= min_words ({self.min_words}).")
 
     def generation_key(self) -> dict:
-        """The settings that change which sentences are generated (n_positives and max_rounds do not)."""
+        """The settings that change which sentences are generated (n_positives and max_rounds do not;
+        the backend is recorded as the one that ran)."""
         key = asdict(self)
-        for free in ("n_positives", "max_rounds"):
+        for free in ("n_positives", "max_rounds", "backend"):
             key.pop(free)
         key["styles"] = list(self.styles)
         key["prompts"] = {s: list(PROMPTS[s]) for s in self.styles}
@@ -113,18 +135,30 @@ DROP_REASONS = ("incomplete", "too_short", "too_long", "symbols", "no_mention", 
 _QUOTES = "\"'\u201c\u201d\u2018\u2019"
 
 
+# A full stop after these ends no sentence ("Dr. Smith"); splitting there left "Dr." as a too-short sentence
+# and the rest without its subject.
+_ABBREVIATION = re.compile(r"(?:^|\s)(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|vs|e\.g|i\.e)\.$", re.IGNORECASE)
+
+
 def split_sentences(text: str) -> list[str]:
-    """Split generated text into candidate sentences: by line, then after . ! ?; list markers removed."""
+    """Split generated text into candidate sentences: by line, then after . ! ? (not after a title
+    such as "Dr."); list markers removed."""
     out = []
     for line in text.splitlines():
         line = _LIST_MARKER.sub("", line).strip()
-        if line:
-            out.extend(s.strip() for s in _SENTENCE_END.split(line) if s.strip())
+        pieces: list[str] = []
+        for piece in (p.strip() for p in _SENTENCE_END.split(line)):
+            if pieces and _ABBREVIATION.search(pieces[-1]):
+                pieces[-1] += " " + piece
+            elif piece:
+                pieces.append(piece)
+        out.extend(pieces)
     return out
 
 
-def sentence_problem(sentence: str, pattern: re.Pattern, min_words: int, max_words: int) -> str | None:
-    """Why ``sentence`` is not kept (one of ``DROP_REASONS`` except duplicate), or None if it is fine."""
+def sentence_problem(sentence: str, pattern: re.Pattern | None, min_words: int, max_words: int) -> str | None:
+    """Why ``sentence`` is not kept (one of ``DROP_REASONS`` except duplicate), or None if it is fine.
+    With ``pattern`` None, the sentence need not mention anything."""
     if not re.search(r"[.!?][\"'\u201d\u2019)]*$", sentence):
         return "incomplete"  # cut off by max_new_tokens, or a heading like "Facts:"
     n_words = len(sentence.split())
@@ -134,6 +168,8 @@ def sentence_problem(sentence: str, pattern: re.Pattern, min_words: int, max_wor
         return "too_long"
     if any(unicodedata.category(ch) == "So" or unicodedata.category(ch)[0] == "C" for ch in sentence):
         return "symbols"  # emoji and pictographs, control characters, private use
+    if pattern is None:
+        return None
     found = list(pattern.finditer(sentence))
     if not found:
         return "no_mention"
@@ -240,21 +276,25 @@ class ConceptWriter:
         model: an instruct model with a chat template (e.g. ``load_model("smollm2-135m")``).
         folder: where the concept files and the writing state live.
         settings: see :class:`WritingSettings`.
+        sampler: what writes the answers (default: :func:`~.samplers.chat_sampler` of ``settings.backend``).
 
     Raises:
         ConceptDataError: the folder holds sentences written with other settings or another model.
     """
 
-    def __init__(self, model: LoadedModel, folder: str | Path, settings: WritingSettings = WritingSettings()):
+    def __init__(self, model: LoadedModel, folder: str | Path, settings: WritingSettings = WritingSettings(),
+                 sampler: ChatSampler | None = None):
         self.model, self.settings = model, settings
         self.folder = Path(folder)
         self.state_folder = self.folder / "writing"
         if getattr(model.tokenizer, "chat_template", None) is None:
             raise ValueError(f"{model.name} has no chat template; concept writing needs an instruct model.")
+        self.sampler = sampler or chat_sampler(model, settings.backend)
         self._check_settings()
 
     def _check_settings(self) -> None:
-        wanted = {"model": self.model.name, "fingerprint": self.model.fingerprint, **self.settings.generation_key()}
+        wanted = {"model": self.model.name, "fingerprint": self.model.fingerprint, **self.settings.generation_key(),
+                  "backend": self.sampler.name}
         differ = settings_changes(self.state_folder / "settings.json", wanted)
         if differ:
             raise ConceptDataError(
@@ -281,36 +321,22 @@ class ConceptWriter:
             atomic_write(self.folder / f"{name}.jsonl",
                          lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
-    @torch.no_grad()
     def run_round(self, progress: WordProgress) -> None:
         """Generate one round for ``progress.word``, filter, and add the kept sentences to ``progress``."""
-        s, tok = self.settings, self.model.tokenizer
+        s = self.settings
         prompts = round_prompts(progress.word, progress.rounds, s)
-        texts = [tok.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
-                 for _, m in prompts]
-        side = tok.padding_side
-        tok.padding_side = "left"  # generation continues from the last position of every row
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True).to(self.model.device)
-        finally:
-            tok.padding_side = side
-        torch.manual_seed(round_seed(s.seed, progress.word, progress.rounds))
         start = time.perf_counter()
-        out = self.model.model.generate(
-            **enc, do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,
-            max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
-        )
+        answers, tokens = self.sampler.sample([m for _, m in prompts], round_seed(s.seed, progress.word, progress.rounds),
+                                              Sampling(s.max_new_tokens, s.temperature, s.top_p, s.top_k))
         progress.seconds += time.perf_counter() - start
-        new = out[:, enc["input_ids"].shape[1]:]
-        # Rows that ended early are padded with pad (= eos here); count real tokens only.
-        ended = torch.cumsum((new == tok.eos_token_id) | (new == tok.pad_token_id), dim=1) > 0
-        progress.tokens += int((~ended).sum())
+        progress.tokens += tokens
         pattern = mention_pattern(progress.word)
         seen = {" ".join(k["text"].lower().split()) for k in progress.kept}
-        for (style, _), answer in zip(prompts, tok.batch_decode(new, skip_special_tokens=True)):
+        for (style, _), answer in zip(prompts, answers):
             for sentence in split_sentences(answer):
                 progress.counts["generated"] += 1
-                problem = sentence_problem(sentence, pattern, s.min_words, s.max_words)
+                problem = sentence_problem(sentence, None if style in MENTION_FREE_STYLES else pattern,
+                                           s.min_words, s.max_words)
                 key = " ".join(sentence.lower().split())
                 if problem is None and key in seen:
                     problem = "duplicate"
@@ -364,9 +390,10 @@ class ConceptWriter:
 
 def write_concepts(model: LoadedModel, words: Sequence[str], folder: str | Path,
                    settings: WritingSettings = WritingSettings(), *, budget_seconds: float | None = None,
-                   progress: bool = True) -> WritingReport:
+                   progress: bool = True, sampler: ChatSampler | None = None) -> WritingReport:
     """Write positive sentences for ``words`` into ``folder`` (resuming); see :class:`ConceptWriter`.
 
     Load the result with ``ConceptSet.load(folder).with_sampled_negatives(n, seed)``.
     """
-    return ConceptWriter(model, folder, settings).write(words, budget_seconds=budget_seconds, progress=progress)
+    return ConceptWriter(model, folder, settings, sampler).write(words, budget_seconds=budget_seconds,
+                                                                 progress=progress)
