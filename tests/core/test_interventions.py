@@ -447,6 +447,19 @@ def test_addition_adds_its_vector_at_every_position_in_the_input_dtype():
     assert str(AdditionIntervention(source_representation=torch.tensor([3.0, 4.0]))) == "AdditionIntervention(|s| = 5)"
 
 
+def test_addition_follows_the_input_down_to_a_narrower_dtype_and_another_device():
+    """A bfloat16 input stays bfloat16 (adding a float32 state uncast would promote it), and an input on
+    another device (meta here, the only other one a CPU machine has) gets its output there."""
+    from steer_experts.interventions import AdditionIntervention
+
+    intervention = AdditionIntervention(source_representation=torch.tensor([0.5, -1.0, 2.0]))
+    base = torch.randn(2, 4, 3).to(torch.bfloat16)
+    out = intervention.forward(base)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, base + torch.tensor([0.5, -1.0, 2.0], dtype=torch.bfloat16))
+    assert intervention.forward(torch.empty(2, 4, 3, device="meta")).device.type == "meta"
+
+
 def test_expert_intervention_moves_a_float64_input_by_its_formula():
     """The state is float32; a float64 input is moved in float64 by z + w (v - z) (bound 0)."""
     intervention = ExpertIntervention.from_units(5, [1, 3], [0.5, 1.0], [2.0, -1.0])
