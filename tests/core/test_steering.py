@@ -328,6 +328,13 @@ def test_push_uploads_exactly_the_saved_folder(tiny_llama, monkeypatch, tmp_path
     monkeypatch.setattr(steering, "upload_folder", fake_upload)  # steering binds hub's function at import
     steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=5)
     assert steered.push_to_hub("someone/x") == "https://huggingface.co/someone/x"
+    calls = []
+    monkeypatch.setattr(steering, "upload_folder", lambda folder, repo_id, **kw: calls.append(kw) or "url")
+    steered.push_to_hub("someone/x", private=True, token="hf_secret")
+    assert calls == [{"private": True, "token": "hf_secret", "commit_message": f"Upload {steered!r}"}]
+    assert repr(steered) == "SteeredModel('tiny-llama', football:+1, 5 units in 2 layers, mode=set, alpha=1)"
+    both = steer(tiny_llama, synthetic_experts(tiny_llama), {"football": 1, "woman": -0.5}, k=5)
+    assert repr(both).startswith("SteeredModel('tiny-llama', football:+1, woman:-0.5, ")
     saved = steered.save_pretrained(tmp_path / "s", repo_id="someone/x")
     on_disk = {str(p.relative_to(saved)): p.read_bytes() for p in saved.rglob("*") if p.is_file()}
     assert uploaded.keys() == on_disk.keys()
@@ -487,6 +494,35 @@ def test_negative_strength_dampens_by_default_in_proportion_to_its_size(tiny_lla
                                rtol=1e-5, atol=1e-5)
     ablated = _reference_logits(tiny_llama, ids, top, np.full(40, abs(strength)), np.zeros(40))
     assert not torch.allclose(got, ablated, atol=1e-4)
+
+
+def test_complete_samples_as_transformers_does_with_the_settings_it_is_given(tiny_llama, monkeypatch):
+    """With no expert touched, complete() samples what transformers' generate samples under the same
+    seed with exactly the settings passed (None top_k / top_p: no cut, not the generation config's),
+    with the documented defaults (temperature 1, seed 0, batches of 16 seeded seed + b), and takes a
+    single prompt as a string."""
+    # A generation config that is not the no-op one, so that settings left to it would show.
+    for name, value in (("temperature", 0.6), ("top_k", 3), ("top_p", 0.5)):
+        monkeypatch.setattr(tiny_llama.model.generation_config, name, value)
+    plain = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=0)
+    tok = tiny_llama.tokenizer
+
+    def reference(prompt, seed, **sampling):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        torch.manual_seed(seed)
+        out = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=True,
+                                        pad_token_id=tok.pad_token_id, **sampling)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    for settings in (dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.3), dict(top_p=0.5)):
+        want = reference("The weather today is", 3, **{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **settings})
+        assert plain.complete("The weather today is", max_new_tokens=6, do_sample=True, seed=3, **settings) == [want]
+    assert plain.complete("A dog", max_new_tokens=6, do_sample=True) == [
+        reference("A dog", 0, temperature=1.0, top_k=0, top_p=1.0)]
+    prompts = [f"Story number {i} begins" for i in range(17)]
+    whole = plain.complete(prompts, max_new_tokens=4, do_sample=True, top_k=10, seed=4)
+    assert whole == plain.complete(prompts[:16], max_new_tokens=4, do_sample=True, top_k=10, seed=4) + \
+        plain.complete(prompts[16:], max_new_tokens=4, do_sample=True, top_k=10, seed=5)
 
 
 def test_complete_returns_only_the_new_text(tiny_llama):
