@@ -330,8 +330,10 @@ def test_push_uploads_exactly_the_saved_folder(tiny_llama, monkeypatch, tmp_path
     assert steered.push_to_hub("someone/x") == "https://huggingface.co/someone/x"
     calls = []
     monkeypatch.setattr(steering, "upload_folder", lambda folder, repo_id, **kw: calls.append(kw) or "url")
+    steered.push_to_hub("someone/x")
     steered.push_to_hub("someone/x", private=True, token="hf_secret")
-    assert calls == [{"private": True, "token": "hf_secret", "commit_message": f"Upload {steered!r}"}]
+    assert calls == [{"private": False, "token": None, "commit_message": f"Upload {steered!r}"},
+                     {"private": True, "token": "hf_secret", "commit_message": f"Upload {steered!r}"}]
     assert repr(steered) == "SteeredModel('tiny-llama', football:+1, 5 units in 2 layers, mode=set, alpha=1)"
     both = steer(tiny_llama, synthetic_experts(tiny_llama), {"football": 1, "woman": -0.5}, k=5)
     assert repr(both).startswith("SteeredModel('tiny-llama', football:+1, woman:-0.5, ")
@@ -519,6 +521,7 @@ def test_complete_samples_as_transformers_does_with_the_settings_it_is_given(tin
         assert plain.complete("The weather today is", max_new_tokens=6, do_sample=True, seed=3, **settings) == [want]
     assert plain.complete("A dog", max_new_tokens=6, do_sample=True) == [
         reference("A dog", 0, temperature=1.0, top_k=0, top_p=1.0)]
+    assert plain.complete("A dog") == plain.complete("A dog", max_new_tokens=40)  # greedy, 40 tokens by default
     prompts = [f"Story number {i} begins" for i in range(17)]
     whole = plain.complete(prompts, max_new_tokens=4, do_sample=True, top_k=10, seed=4)
     assert whole == plain.complete(prompts[:16], max_new_tokens=4, do_sample=True, top_k=10, seed=4) + \
