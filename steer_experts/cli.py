@@ -55,6 +55,18 @@ def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 4
     return "\n".join(rows)
 
 
+def _print_continuations(args: argparse.Namespace, model, experts, name: str, steered, toward: str) -> None:
+    from .steering import steer
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                    top_k=args.top_k, seed=args.seed)
+    # The unsteered side is the same path with no expert touched, so both sample alike.
+    plain = steer(model, experts, name, k=0).complete([args.prompt], **sampling)[0]
+    steered_text = steered.complete([args.prompt], **sampling)[0]
+    print(f"prompt: {args.prompt}\n{steered!r}\n")
+    print(_side_by_side(plain, steered_text, ("unsteered", f"steered toward {toward}")))
+
+
 def _generate(args: argparse.Namespace) -> None:
     from .concepts import ConceptSet
     from .experts import ExpertSet
@@ -115,13 +127,7 @@ def _generate(args: argparse.Namespace) -> None:
 
             selection["scores"] = promoting_scores(model, experts, name)
         steered = steer(model, experts, name, mode=args.mode, positions=args.positions, layers=layers, **selection)
-    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-                    top_k=args.top_k, seed=args.seed)
-    # The unsteered side is the same path with no expert touched, so both sample alike.
-    plain = steer(model, experts, name, k=0).complete([args.prompt], **sampling)[0]
-    steered_text = steered.complete([args.prompt], **sampling)[0]
-    print(f"prompt: {args.prompt}\n{steered!r}\n")
-    print(_side_by_side(plain, steered_text, ("unsteered", f"steered toward {args.concept}")))
+    _print_continuations(args, model, experts, name, steered, args.concept)
 
 
 def _steer(args: argparse.Namespace) -> None:
@@ -153,12 +159,7 @@ def _steer(args: argparse.Namespace) -> None:
     else:
         experts = discover(model, concepts, seed=args.seed)
     steered = steer(model, experts, name, k=args.k, alpha=args.alpha)
-    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-                    top_k=args.top_k, seed=args.seed)
-    plain = steer(model, experts, name, k=0).complete([args.prompt], **sampling)[0]
-    steered_text = steered.complete([args.prompt], **sampling)[0]
-    print(f"prompt: {args.prompt}\n{steered!r}\n")
-    print(_side_by_side(plain, steered_text, ("unsteered", f"steered toward {name}")))
+    _print_continuations(args, model, experts, name, steered, name)
     if out is not None:
         print(f"\nWrote {steered.save_pretrained(out, overwrite=args.overwrite)}/ (steered model).")
 
@@ -261,6 +262,16 @@ def _text(text: str) -> str:
     return text
 
 
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    parser.add_argument("--temperature", type=_positive, default=1.0)
+    parser.add_argument("--top-k", type=_non_negative_int, default=10)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``steer-experts`` and all its subcommands."""
     from .steering import MODES, POSITIONS
@@ -311,13 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concepts", help="the concept data (for --auto, --mode add and --method diffmean)")
     g.add_argument("--layer", type=_non_negative_int, default=25, help="DiffMean's residual layer")
     g.add_argument("--factor", type=float, default=0.4, help="DiffMean's strength, x the layer's median token norm")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=40)
-    g.add_argument("--temperature", type=_positive, default=1.0)
-    g.add_argument("--top-k", type=_non_negative_int, default=10)
-    g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    g.add_argument("--seed", type=_non_negative_int, default=0)
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
-    g.add_argument("--device", default="cpu")
+    _add_generation_options(g)
     g.set_defaults(run=_generate)
 
     s = sub.add_parser("steer", help="steer toward any word: experts from sentences the model writes (cached), "
@@ -338,13 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save", help="also write the steered model here (save_pretrained)")
     s.add_argument("--overwrite", action="store_true",
                    help="write into --save even if it holds files steer_experts did not write")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=40)
-    s.add_argument("--temperature", type=_positive, default=1.0)
-    s.add_argument("--top-k", type=_non_negative_int, default=10)
-    s.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    s.add_argument("--seed", type=_non_negative_int, default=0)
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
-    s.add_argument("--device", default="cpu")
+    _add_generation_options(s)
     s.set_defaults(run=_steer)
 
     p = sub.add_parser("push", help="upload a saved expert set or steered model folder to the Hugging Face Hub")
