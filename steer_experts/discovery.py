@@ -118,7 +118,8 @@ def discover_word(model: LoadedModel, word: str, *, n_positives: int = 100, n_ne
         raise WordNotUsableError(
             f"The writer kept only {len(positives)} sentences naming {word!r} in {written.rounds} rounds "
             f"(need {min_positives}): {written.counts['no_mention']} of {written.counts['generated']} candidate "
-            "sentences did not name it. Check the spelling, use a more common word, or pass sentences with --concepts.")
+            "sentences did not name it. Check the spelling, use a more common word, or give your own sentences "
+            "(a concept file, with `steer --concepts` or discover()).")
     concepts = ConceptSet([Concept(word, positives, tuple(neutral_negatives(word, n_negatives, seed)))])
     expert_set = discover(model, concepts, pooling=pooling, max_length=max_length, batch_size=batch_size,
                           seed=seed, progress=progress)

@@ -3,7 +3,8 @@
 Two backends answer the same messages with the same sampling settings:
 
 * :class:`CTranslate2Sampler` -- the model converted once to CTranslate2 (cached, keyed by the
-  model's fingerprint) and run int8 on CPU: about 3x the tokens/s of transformers on 2 cores.
+  model's fingerprint) and run int8 on CPU: 200 tokens/s against transformers' 68-88 on 2 cores
+  (``benchmarks/bench_writing.py``).
 * :class:`TransformersSampler` -- transformers ``generate``, for any model the converter refuses.
 
 Within one backend, the same seed gives the same answers. The two backends sample differently
