@@ -430,6 +430,12 @@ def test_an_edited_state_is_used_at_the_next_forward():
     assert intervention(base.double() + 7).dtype == torch.float64
     intervention.source_representation = ExpertIntervention.from_units(4, [2], [1.0], [3.0]).source_representation
     assert intervention(base)[..., 2].eq(3.0).all() and intervention(base)[..., 1].eq(0.0).all()
+    # Two fresh states (version 0 both), same device and dtype: only the tensor's identity tells them apart.
+    fresh = lambda unit, value: ExpertIntervention.from_units(4, [unit], [1.0], [value]).source_representation.clone()  # noqa: E731
+    intervention.source_representation = fresh(1, 2.0)
+    assert intervention(base)[..., 1].eq(2.0).all()
+    intervention.source_representation = fresh(3, 4.0)
+    assert intervention(base)[..., 3].eq(4.0).all() and intervention(base)[..., 1].eq(0.0).all()
 
 
 # ----------------------------------------------------------------------------- the interventions on their own
