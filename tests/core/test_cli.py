@@ -191,7 +191,7 @@ def test_steer_toward_a_word_with_no_data(smollm2, tmp_path, capsys, monkeypatch
                "--max-new-tokens", "12"]
     assert main(command + ["--save", str(tmp_path / "steered")]) == 0
     first = capsys.readouterr()
-    assert "experts of 'lantern': 30 sentences written by ctranslate2-int8 vs 60 from the neutral sentence bank" \
+    assert "experts of 'lantern': 30 sentences written by ctranslate2-int8-chunks24 vs 60 from the neutral sentence bank" \
         in first.err
     assert "unsteered" in first.out and "steered toward lantern" in first.out
     saved = SteeredModel.from_pretrained(tmp_path / "steered", smollm2)

@@ -18,7 +18,7 @@ from steer_experts.writing import (
     ConceptWriter, ConversionError, CTranslate2Sampler, Sampling, TransformersSampler, WritingSettings,
     chat_sampler, ctranslate2_folder, sentence_problem, split_sentences,
 )
-from steer_experts.writing.samplers import _chat_token_ids
+from steer_experts.writing.samplers import CHUNK_PROMPTS, _chat_token_ids
 
 from ..conftest import tiny_config
 
@@ -76,7 +76,7 @@ def test_auto_falls_back_to_transformers_and_says_why(tokenizer, tiny_cache):
         chat_sampler(neox, "ctranslate2")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert chat_sampler(_tiny("llama", tokenizer)).name == "ctranslate2-int8"
+        assert chat_sampler(_tiny("llama", tokenizer)).name == "ctranslate2-int8-chunks24"
     with pytest.raises(ValueError, match="Unknown writing backend 'vllm'"):
         chat_sampler(neox, "vllm")
 
@@ -91,6 +91,19 @@ def test_same_seed_same_answers(backend, tokenizer, tiny_cache):
     assert sampler.sample(messages, 7, sampling) == (first, tokens)
     assert sampler.sample(messages, 8, sampling)[0] != first
     assert 0 < tokens <= 2 * 10 and len(first) == 2
+
+
+def test_ctranslate2_answers_do_not_depend_on_the_thread_count(tokenizer, tiny_cache):
+    """Chunks run on parallel threads, each under its own seed: one thread or two give the same answers,
+    and a chunk repeating another's prompts does not repeat its answers."""
+    model = _tiny("llama", tokenizer)
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    messages = ["Write about dogs."] * (2 * CHUNK_PROMPTS)
+    one = CTranslate2Sampler(model, threads=1).sample(messages, 3, sampling)
+    assert CTranslate2Sampler(model, threads=2).sample(messages, 3, sampling) == one
+    answers = one[0]
+    assert answers[:CHUNK_PROMPTS] != answers[CHUNK_PROMPTS:]
+    assert len(set(answers)) > CHUNK_PROMPTS  # not one stream repeated row for row
 
 
 class Recording:
@@ -125,7 +138,7 @@ def test_both_backends_apply_the_same_filters(smollm2, tmp_path):
         kept[sampler.name] = [k["text"] for k in progress.kept]
         assert kept[sampler.name] == expected and len(expected) > 0
         assert progress.counts["generated"] == sum(len(split_sentences(a)) for a in recording.answers)
-    assert kept["transformers"] != kept["ctranslate2-int8"]  # two backends, two samples: both really ran
+    assert kept["transformers"] != kept["ctranslate2-int8-chunks24"]  # two backends, two samples: both really ran
 
 
 @pytest.mark.integration
