@@ -6,7 +6,7 @@ expertise -> experts -> discovery (also from a word alone) ->
 effects (what an expert writes) -> interventions -> steering (and the other steering methods: diffmean,
 prompting; calibration chooses an expert operating point) -> model_card. ``hub`` is transport only and
 serves every stage. ``evaluation/`` measures generations; ``lens/`` holds the ExpertLens analyses (similarity, ratings,
-baselines, queries, organisation).
+baselines, queries, organisation); ``atlas/`` writes a static website of concepts and their experts.
 """
 
 import importlib

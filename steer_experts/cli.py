@@ -174,6 +174,28 @@ def _push(args: argparse.Namespace) -> None:
     print(upload_folder(folder, args.repo, private=args.private))
 
 
+def _atlas(args: argparse.Namespace) -> None:
+    from .atlas.site import SITE_NAMES, build_atlas
+    from .atomic import check_output_folder
+    from .concepts import ConceptSet
+    from .experts import ExpertSet
+    from .models import check_device, load_model
+
+    check_output_folder(args.out, SITE_NAMES, overwrite=args.overwrite, what="atlas")
+    check_device(args.device)
+    experts = ExpertSet.from_pretrained(args.experts)
+    model = concepts = None
+    if args.concepts is not None:
+        seed = experts.metadata.get("negative_sampling_seed", 0)  # the negatives discovery drew: a cache hit
+        concepts = ConceptSet.load(args.concepts).with_sampled_negatives(args.n_negatives, seed)
+        model = load_model(args.model or experts.model_name, dtype=args.dtype, device=args.device)
+        experts.check_model(model)
+    report = build_atlas(experts, args.out, model=model, concepts=concepts, top=args.top, tau=args.tau,
+                         overwrite=args.overwrite)
+    print(f"Wrote {report.pages} pages ({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; "
+          f"open {(report.folder / 'index.html').resolve().as_uri()}")
+
+
 def _load_experts(args: argparse.Namespace):
     from .experts import ExpertSet
 
@@ -345,6 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into --save even if it holds files steer_experts did not write")
     _add_generation_options(s)
     s.set_defaults(run=_steer)
+
+    a = sub.add_parser("atlas", help="write a static website of the concepts and their expert neurons")
+    a.add_argument("--experts", required=True, help="a saved expert set folder")
+    a.add_argument("--concepts", help="the concept data the experts were found on: adds sentences, token "
+                   "shading and histograms (needs the model)")
+    a.add_argument("--out", default="site", type=_text, help="folder of the site (default: site)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds files steer_experts did not write")
+    a.add_argument("--model", help="the model (default: the one the expert set was found on)")
+    a.add_argument("--n-negatives", type=_positive_int, default=1000,
+                   help="negatives sampled per concept that has none, as in discover")
+    a.add_argument("--top", type=_positive_int, default=10, help="experts per concept shown")
+    a.add_argument("--tau", type=_tau, default=0.5,
+                   help="AP above which a unit counts as an expert")
+    a.add_argument("--dtype", choices=DTYPES, default="float32")
+    a.add_argument("--device", default="cpu")
+    a.set_defaults(run=_atlas)
 
     p = sub.add_parser("push", help="upload a saved expert set or steered model folder to the Hugging Face Hub")
     p.add_argument("--experts", required=True, help="folder written by save_pretrained")

@@ -97,12 +97,21 @@ class Responses:
 
     def columns(self, start: int, stop: int) -> np.ndarray:
         """Responses of units ``start:stop`` to every sentence, shape (n_sentences, stop - start)."""
-        out = np.empty((self.n_sentences, stop - start), dtype=np.float32)
+        return self._read(lambda f: f.get_slice("responses")[:, start:stop], stop - start)
+
+    def take(self, units: Sequence[int]) -> np.ndarray:
+        """Responses of ``units`` (global unit indices, any order) to every sentence, shape
+        (n_sentences, len(units)); reads each shard once."""
+        units = np.asarray(units, dtype=np.int64)
+        return self._read(lambda f: f.get_tensor("responses")[:, units], len(units))
+
+    def _read(self, read, width: int) -> np.ndarray:
+        out = np.empty((self.n_sentences, width), dtype=np.float32)
         filled = np.zeros(self.n_sentences, dtype=bool)
         for shard in self._shards():
             with safe_open(str(shard), framework="numpy") as f:
                 rows = f.get_tensor("rows")
-                out[rows] = f.get_slice("responses")[:, start:stop]
+                out[rows] = read(f)
                 filled[rows] = True
         # np.empty holds whatever memory held: a row no shard wrote must never reach a score.
         if not filled.all():
@@ -362,3 +371,48 @@ def _store_shard(folder: Path, i: int, tensors: dict[str, np.ndarray]) -> None:
         atomic_write(path, lambda p: save_file(tensors, str(p)))
         manifest["checksums"][str(i)] = file_checksum(path)
         atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest)))
+
+
+@torch.no_grad()
+def token_responses(model: LoadedModel, sentences: Sequence[str], units: Sequence[int], *, unit_kind: str = "mlp",
+                    max_length: int = 128) -> list[dict]:
+    """The responses of a few ``units`` (global unit indices) at every token of each sentence, from
+    one forward pass over ``sentences`` (nothing cached): what a pooled response is the max or mean of.
+
+    Returns one dict per sentence: ``tokens``, the text of each token (special tokens left out, as
+    pooling leaves them out), and ``values``, float32 of shape (n_tokens, len(units)), activation units.
+    """
+    sites = locate_units(model.model, unit_kind)
+    offsets = np.cumsum([0] + [s.width for s in sites])
+    units = np.asarray(units, dtype=np.int64)
+    if not len(units) or units.min() < 0 or units.max() >= offsets[-1]:
+        raise InvalidArgumentError(f"units must be indices in [0, {offsets[-1]}) and at least one; got {units.tolist()[:10]}.")
+    layer_of = np.searchsorted(offsets, units, side="right") - 1
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int, neurons: torch.Tensor):
+        def hook(_module, args):
+            captured[layer] = args[0][..., neurons].float().cpu()
+        return hook
+
+    handles = [model.model.get_submodule(sites[layer].module_path).register_forward_pre_hook(
+        capture(int(layer), torch.as_tensor(units[layer_of == layer] - offsets[layer], device=model.device)))
+        for layer in np.unique(layer_of)]
+    enc = model.tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+    try:
+        decoder_stack(model.model)(input_ids=enc["input_ids"].to(model.device),
+                                   attention_mask=enc["attention_mask"].to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    values = torch.empty(*enc["input_ids"].shape, len(units))
+    for layer in np.unique(layer_of):
+        values[..., torch.as_tensor(np.flatnonzero(layer_of == layer))] = captured[int(layer)]
+    special = set(model.tokenizer.all_special_ids)
+    out = []
+    for row, ids in enumerate(enc["input_ids"].tolist()):
+        keep = [i for i, t in enumerate(ids) if enc["attention_mask"][row, i] and t not in special]
+        out.append({"tokens": [model.tokenizer.decode([ids[i]]) for i in keep],
+                    "values": values[row, keep].numpy()})
+    return out
