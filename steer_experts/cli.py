@@ -185,13 +185,15 @@ def _atlas(args: argparse.Namespace) -> None:
     check_device(args.device)
     experts = ExpertSet.from_pretrained(args.experts)
     model = concepts = None
+    if args.steer is not None and args.concepts is None:
+        raise _UsageError("--steer needs --concepts (and so the model).")
     if args.concepts is not None:
         seed = experts.metadata.get("negative_sampling_seed", 0)  # the negatives discovery drew: a cache hit
         concepts = ConceptSet.load(args.concepts).with_sampled_negatives(args.n_negatives, seed)
         model = load_model(args.model or experts.model_name, dtype=args.dtype, device=args.device)
         experts.check_model(model)
     report = build_atlas(experts, args.out, model=model, concepts=concepts, top=args.top, tau=args.tau,
-                         overwrite=args.overwrite)
+                         steer_prompt=args.steer, overwrite=args.overwrite)
     print(f"Wrote {report.pages} pages ({report.bytes / 1e6:.1f} MB) in {report.seconds:.1f} s; "
           f"open {(report.folder / 'index.html').resolve().as_uri()}")
 
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--n-negatives", type=_positive_int, default=1000,
                    help="negatives sampled per concept that has none, as in discover")
     a.add_argument("--top", type=_positive_int, default=10, help="experts per concept shown")
+    a.add_argument("--steer", type=_text, metavar="PROMPT",
+                   help="also show greedy continuations of PROMPT steered toward each concept (k = 10, 50, 200)")
     a.add_argument("--tau", type=_tau, default=0.5,
                    help="AP above which a unit counts as an expert")
     a.add_argument("--dtype", choices=DTYPES, default="float32")

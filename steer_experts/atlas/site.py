@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -57,6 +58,7 @@ def _neuron_file(layer: int, neuron: int) -> str:
 def build_atlas(experts: ExpertSet, out: str | Path, *, model: LoadedModel | None = None,
                 concepts: ConceptSet | None = None, top: int = 10, shown_experts: int = 3,
                 sentences_per_unit: int = 3, tau: float = 0.5, overwrite: bool = False,
+                steer_prompt: str | None = None, steer_ks: Sequence[int] = (10, 50, 200),
                 cache_dir: str | Path | None = None, progress: bool = True) -> AtlasReport:
     """Write the atlas of ``experts`` into ``out`` and return what was written.
 
@@ -70,6 +72,8 @@ def build_atlas(experts: ExpertSet, out: str | Path, *, model: LoadedModel | Non
             token shaded by the expert's response (also on the expert's neuron page).
         sentences_per_unit: top-activating sentences per neuron.
         tau: AP threshold of "expert" in counts, labels and the overlap (Jaccard) of concepts.
+        steer_prompt: if given (with the model), each concept page shows greedy 40-token continuations of
+            it steered with the top-k experts for each of ``steer_ks``, beside the unsteered one.
         cache_dir: root of the response cache (default: the library's).
     """
     start = time.perf_counter()
@@ -78,6 +82,9 @@ def build_atlas(experts: ExpertSet, out: str | Path, *, model: LoadedModel | Non
                                    f"{top}, {shown_experts}, {sentences_per_unit}, {tau}.")
     if (model is None) != (concepts is None):
         raise InvalidArgumentError("Give both the model and the concept data (for sentences), or neither.")
+    if steer_prompt is not None and (model is None or not steer_prompt.strip() or not steer_ks
+                                     or min(steer_ks) < 1):
+        raise InvalidArgumentError("Steered samples need the model, a non-empty prompt and ks >= 1.")
     if concepts is not None:
         missing = [c for c in experts.concepts if c not in concepts.names]
         if missing:
@@ -103,13 +110,14 @@ def build_atlas(experts: ExpertSet, out: str | Path, *, model: LoadedModel | Non
     evidence = (_Evidence(experts, model, concepts, units, shaded, sentences_per_unit, cache_dir, progress)
                 if model else None)
 
+    samples = _steered_samples(experts, model, steer_prompt, steer_ks, progress) if steer_prompt else {}
     pages: dict[str, str] = {}
     pages["index.html"] = _index_page(experts, expert_for, slugs, tau)
     pages["similarity.html"] = _similarity_page(experts, slugs)
     overlap = jaccard_similarity(experts, tau) if len(names) > 1 else None
     for c in tqdm(names, desc="concept pages", disable=not progress or len(names) < 20):
         pages[f"concepts/{slugs[c]}"] = _concept_page(experts, c, selections[c], overlap, slugs, shown_experts,
-                                                      tau, evidence)
+                                                      tau, evidence, samples.get(c))
     for u in tqdm(units, desc="neuron pages", disable=not progress or len(units) < 200):
         pages[f"neurons/{_neuron_file(*_locate(experts, u))}"] = _neuron_page(experts, u, expert_for[u], slugs,
                                                                             evidence)
@@ -194,6 +202,19 @@ class _Evidence:
                 "negatives": self.pooled[self.concepts.negative_indices(concept_index), j]}
 
 
+def _steered_samples(experts: ExpertSet, model: LoadedModel, prompt: str, ks: Sequence[int],
+                     progress: bool) -> dict[str, list[tuple[str, str]]]:
+    """Per concept: (setting, greedy continuation of ``prompt``) unsteered and at each k."""
+    from ..steering import steer
+
+    plain = steer(model, experts, experts.concepts[0], k=0).complete([prompt])[0]
+    out = {}
+    for c in tqdm(experts.concepts, desc="steered samples", disable=not progress):
+        out[c] = [("unsteered", plain)] + [(f"k = {k}", steer(model, experts, c, k=k).complete([prompt])[0])
+                                           for k in ks]
+    return out
+
+
 def _ap_by_layer(experts: ExpertSet, c: int) -> tuple[list[int], np.ndarray]:
     offsets = np.cumsum([0] + [s.width for s in experts.sites])
     ap = experts.expertise.ap[c]
@@ -229,7 +250,7 @@ def _index_page(experts: ExpertSet, expert_for: dict[int, list[str]], slugs, tau
 
 
 def _concept_page(experts: ExpertSet, name: str, selection, overlap, slugs, shown: int, tau: float,
-                  evidence: _Evidence | None) -> str:
+                  evidence: _Evidence | None, samples: list[tuple[str, str]] | None) -> str:
     e = experts.expertise
     c = experts.concept_index(name)
     rows = [[str(r["rank"]), f'<a href="../neurons/{_neuron_file(r["layer"], r["neuron"])}">L{r["layer"]}/N{r["neuron"]}</a>',
@@ -246,6 +267,10 @@ def _concept_page(experts: ExpertSet, name: str, selection, overlap, slugs, show
         for layer, neuron, unit in list(zip(selection.layer, selection.neuron, selection.units))[:shown]:
             body += (f'<h3><a href="../neurons/{_neuron_file(layer, neuron)}">L{layer}/N{neuron}</a></h3>'
                      + evidence.sentences_of(int(unit)))
+    if samples:
+        body += ("<h2>Steered toward this concept</h2><p>Greedy continuations; the top-k experts set to their "
+                 "median response on positives at every position.</p>"
+                 + h.table(["setting", "continuation"], [[h.esc(k), h.esc(text)] for k, text in samples]))
     if overlap is not None:
         near = [(other, v) for other, v in overlap.nearest(name, k=5) if np.isfinite(v)]
         body += f"<h2>Nearest concepts (Jaccard overlap of experts at AP &gt; {tau:g})</h2>"

@@ -3,6 +3,7 @@ system, the shaded tokens are the model's own per-token responses, and bad input
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -146,3 +147,20 @@ def test_the_command_writes_the_site_and_refuses_bad_options(atlas_inputs, tmp_p
         main(["atlas", "--experts", str(saved), "--out", str(tmp_path / "other"), "--tau", "1.5"])
     assert exit_.value.code == 2 and "must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_steered_samples_sit_beside_the_unsteered_one(atlas_inputs, tmp_path):
+    from steer_experts.steering import steer
+
+    model, concepts, experts, cache = atlas_inputs
+    build_atlas(experts, tmp_path / "s", model=model, concepts=concepts, top=2, steer_prompt="The day began",
+                steer_ks=(1, 5), cache_dir=cache, progress=False)
+    page = (tmp_path / "s" / "concepts" / "rain.html").read_bytes().decode()  # no newline translation
+    table = page.split("<h2>Steered toward this concept</h2>")[1].split("</table>")[0]
+    cells = re.findall(r"<td>(.*?)</td>", table, re.S)
+    expected = ["unsteered", steer(model, experts, "rain", k=0).complete(["The day began"])[0],
+                "k = 1", steer(model, experts, "rain", k=1).complete(["The day began"])[0],
+                "k = 5", steer(model, experts, "rain", k=5).complete(["The day began"])[0]]
+    assert [html.unescape(c) for c in cells] == expected and expected[1] != expected[5]
+    with pytest.raises(InvalidArgumentError, match="Steered samples need the model"):
+        build_atlas(experts, tmp_path / "t", steer_prompt="The day began", progress=False)
