@@ -438,6 +438,33 @@ def test_an_edited_state_is_used_at_the_next_forward():
     assert intervention(base)[..., 3].eq(4.0).all() and intervention(base)[..., 1].eq(0.0).all()
 
 
+def test_the_split_state_is_reused_until_the_state_device_or_dtype_changes():
+    """The cache _prepared promises: the same split rows at every forward while nothing changed (a
+    generation step would otherwise split and cast the state again), new rows after any change."""
+    intervention = ExpertIntervention.from_units(4, [1], [1.0], [2.0])
+    cpu = torch.device("cpu")
+    first = intervention._prepared(cpu, torch.float32)
+    intervention(torch.zeros(1, 2, 4))
+    assert intervention._prepared(cpu, torch.float32) is first
+    assert intervention._prepared(cpu, torch.float64) is not first
+    again = intervention._prepared(cpu, torch.float32)
+    assert again is not first and intervention._prepared(cpu, torch.float32) is again
+    with torch.no_grad():
+        intervention.source_representation[1, 1] = 5.0
+    assert intervention._prepared(cpu, torch.float32) is not again
+
+
+def test_the_state_is_float32_whatever_the_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        state = ExpertIntervention.from_units(4, np.array([1, 3], dtype=np.int32), [1.0, 0.5], [2.0, -1.0]).source_representation
+    finally:
+        torch.set_default_dtype(before)
+    assert state.dtype == torch.float32
+    assert state[:, [1, 3]].tolist() == [[1.0, 0.5], [2.0, -1.0], [0.0, 0.0]]
+
+
 # ----------------------------------------------------------------------------- the interventions on their own
 
 
