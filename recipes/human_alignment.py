@@ -43,7 +43,8 @@ from steer_experts.lens.ratings import (  # noqa: E402
     agreement_ceiling, compare_with_baselines, human_alignment, load_men, load_ratings,
 )
 from steer_experts.lens.similarity import (  # noqa: E402
-    SimilarityMatrix, ap_cosine_similarity, experts_per_concept, jaccard_similarity, relative_taus,
+    PROFILE_METHODS, SimilarityMatrix, ap_cosine_similarity, ap_profile_similarity, experts_per_concept,
+    jaccard_similarity, relative_taus,
 )
 
 TAUS = [round(0.5 + 0.05 * i, 2) for i in range(10)]
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
         sim = ap_cosine_similarity(expert_set, centred=centred).subset(names)
         matrices[sim.method] = sim
         rows.append(alignment_row(sim.method, "ap cosine", sim, ratings, args, plot=True))
+    for method in PROFILE_METHODS:
+        sim = ap_profile_similarity(expert_set, method).subset(names)
+        matrices[sim.method] = sim
+        rows.append(alignment_row(sim.method, "ap profile", sim, ratings, args))
 
     if not args.no_baselines:
         # Over every concept of the expert set, so the saved matrices do not depend on --min-positives.

@@ -39,6 +39,28 @@ class WordPairRatings:
         """Every distinct word, in first-seen order."""
         return list(dict.fromkeys(w for pair in zip(self.word1, self.word2) for w in pair))
 
+    def subset(self, pairs: Sequence[int]) -> "WordPairRatings":
+        """The ratings of the pairs at indices ``pairs``, in that order."""
+        pairs = np.asarray(pairs, dtype=np.int64)
+        return WordPairRatings([self.word1[i] for i in pairs], [self.word2[i] for i in pairs], self.scores[pairs],
+                               self.source)
+
+    def split(self, fraction: float = 0.5, *, seed: int = 0, strata: int = 5) -> tuple["WordPairRatings", "WordPairRatings"]:
+        """Two disjoint parts of the pairs, (dev, test), each holding about ``fraction`` and 1 - ``fraction``
+        of every rating band: the pairs are cut into ``strata`` bands by score quantile, and each band is
+        shuffled with ``seed`` and split. Choose methods on dev, report them on test."""
+        if not 0 < fraction < 1 or strata < 1:
+            raise ValueError(f"Need 0 < fraction < 1 and strata >= 1; got {fraction} and {strata}.")
+        order = np.argsort(self.scores, kind="stable")
+        rng = np.random.default_rng(seed)
+        dev, test = [], []
+        for band in np.array_split(order, strata):
+            band = rng.permutation(band)
+            cut = int(round(fraction * len(band)))
+            dev += band[:cut].tolist()
+            test += band[cut:].tolist()
+        return self.subset(sorted(dev)), self.subset(sorted(test))
+
     def pairs_within(self, words: Sequence[str]) -> np.ndarray:
         """Indices of the pairs whose two words are both in ``words``."""
         known = set(words)

@@ -7,6 +7,8 @@ Two concepts are similar when their experts overlap:
 * **AP cosine**: cosine of the full AP vectors (one value per unit), optionally
   mean-centred per unit across concepts, which removes what every concept shares
   (units that fire on any sentence get AP near the positive rate for all).
+* **AP profiles** (:func:`ap_profile_similarity`): Pearson's r (row-centred cosine) or
+  Spearman's rho of two AP vectors, or the cosine of their lift over chance.
 
 Two similarity structures (two models, two halves of the data) agree when their
 values on the distinct pairs correlate: :func:`matrix_agreement`, with a Mantel
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from ..atomic import atomic_write
 from ..evaluation.statistics import json_fields
@@ -149,6 +151,33 @@ def ap_cosine_similarity(experts: ExpertSet | tuple[np.ndarray, Sequence[str]],
     if centred:
         ap = ap - ap.mean(axis=0, keepdims=True)
     return SimilarityMatrix(concepts, cosine_matrix(ap), "ap cosine centred" if centred else "ap cosine")
+
+
+PROFILE_METHODS = ("pearson", "spearman", "lift")
+
+
+def ap_profile_similarity(experts: ExpertSet | tuple[np.ndarray, Sequence[str]], method: str) -> SimilarityMatrix:
+    """Similarity of two concepts' AP profiles (one AP per unit), compared whole:
+
+    * ``"pearson"``: Pearson's r of the two AP vectors, i.e. the cosine of each vector minus its own
+      mean over the units (row-centred, where ``ap_cosine_similarity(centred=True)`` centres columns);
+    * ``"spearman"``: Spearman's rho, Pearson's r of the vectors' ranks (ties share their mean rank);
+    * ``"lift"``: the cosine of ``(AP - r_c) / (1 - r_c)``, with ``r_c`` concept c's positive rate,
+      the AP a unit that ranks at random gets: units at chance count 0 for every concept, however
+      many positives it has. Needs an :class:`ExpertSet` (for the positive rates).
+    """
+    if method not in PROFILE_METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {PROFILE_METHODS}.")
+    ap, concepts = _ap_and_concepts(experts)
+    if method == "lift":
+        if not isinstance(experts, ExpertSet):
+            raise ValueError("The lift needs each concept's positive rate: pass an ExpertSet, not (ap, names).")
+        e = experts.expertise
+        rate = (e.n_positives / (e.n_positives + e.n_negatives)).astype(np.float64)[:, None]
+        return SimilarityMatrix(concepts, cosine_matrix((ap - rate) / (1.0 - rate)), "ap lift cosine")
+    if method == "spearman":
+        ap = rankdata(ap, axis=1)
+    return SimilarityMatrix(concepts, cosine_matrix(ap - ap.mean(axis=1, keepdims=True)), f"ap {method}")
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:

@@ -203,3 +203,43 @@ def test_generic_ratings_loader(tmp_path):
     csv_file.write_text("sun,moon,9\ncar,tree,high\n")
     with pytest.raises(ValueError, match="r.csv:2: score 'high'"):
         load_ratings(csv_file)
+
+
+def test_profile_similarities_match_scipy_and_the_formula():
+    from scipy.stats import pearsonr
+
+    from steer_experts.lens.similarity import ap_profile_similarity
+
+    es = random_expert_set(2)
+    ap = es.expertise.ap.copy()
+    ap[1, :4] = ap[1, 4]  # ties, which Spearman ranks share
+    es.expertise.ap = ap
+    pearson, spearman = ap_profile_similarity(es, "pearson"), ap_profile_similarity(es, "spearman")
+    lift = ap_profile_similarity(es, "lift")
+    rate = es.expertise.n_positives / (es.expertise.n_positives + es.expertise.n_negatives)
+    for i, j in itertools.product(range(len(NAMES)), repeat=2):
+        assert pearson.values[i, j] == pytest.approx(pearsonr(ap[i], ap[j])[0])
+        assert spearman.values[i, j] == pytest.approx(spearmanr(ap[i], ap[j])[0])
+        a, b = (ap[i] - rate[i]) / (1 - rate[i]), (ap[j] - rate[j]) / (1 - rate[j])
+        assert lift.values[i, j] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert ap_profile_similarity((ap, NAMES), "pearson").values == pytest.approx(pearson.values)
+    with pytest.raises(ValueError, match="positive rate"):
+        ap_profile_similarity((ap, NAMES), "lift")
+    with pytest.raises(ValueError, match="Unknown method"):
+        ap_profile_similarity(es, "kendall")
+
+
+def test_dev_test_split_is_disjoint_seeded_and_stratified():
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(60)]
+    ratings = WordPairRatings(words[:30] * 2, words[30:] + words[:30], rng.uniform(0, 50, 60), "made up")
+    dev, test = ratings.split(0.5, seed=3, strata=5)
+    pair = lambda r: set(zip(r.word1, r.word2, r.scores))  # noqa: E731
+    assert pair(dev) | pair(test) == pair(ratings) and not pair(dev) & pair(test)
+    assert len(dev) == len(test) == 30
+    assert pair(ratings.split(0.5, seed=3, strata=5)[0]) == pair(dev) != pair(ratings.split(0.5, seed=4)[0])
+    bands = np.quantile(ratings.scores, [0.2, 0.4, 0.6, 0.8])
+    for part in (dev, test):  # every rating band holds its share: 6 of its 12 pairs
+        assert np.bincount(np.searchsorted(bands, part.scores), minlength=5).tolist() == [6] * 5
+    with pytest.raises(ValueError, match="0 < fraction < 1"):
+        ratings.split(1.0)

@@ -100,7 +100,9 @@ def test_alignment_numbers_are_consistent(alignment, words):
     ap = expert_set.expertise.ap
     index = {c: i for i, c in enumerate(expert_set.concepts)}
     families = {r["family"] for r in result["rows"]}
-    assert {"jaccard", "jaccard relative", "ap cosine", "baseline"} <= families
+    assert {"jaccard", "jaccard relative", "ap cosine", "ap profile", "baseline"} <= families
+    assert [r["method"] for r in result["rows"] if r["family"] == "ap profile"] == ["ap pearson", "ap spearman",
+                                                                                    "ap lift cosine"]
     for r in result["rows"]:
         if r["family"] in ("jaccard", "jaccard relative"):
             # Pairs count when both words have at least one expert at this tau.
@@ -126,6 +128,8 @@ def test_alignment_matrices_match_expert_set(alignment):
     ap = expert_set.expertise.ap - expert_set.expertise.ap.mean(axis=0)
     unit = ap / np.linalg.norm(ap, axis=1, keepdims=True)
     assert np.allclose(cosine.values, unit @ unit.T, atol=1e-5)
+    pearson = SimilarityMatrix.from_csv(out / "similarity" / files["ap pearson"])
+    assert np.allclose(pearson.values, np.corrcoef(expert_set.expertise.ap), atol=1e-5)
 
 
 def test_alignment_resumes_from_saved_work(alignment):
