@@ -15,7 +15,7 @@ import torch
 
 from steer_experts.atlas import build_atlas
 from steer_experts.errors import InvalidArgumentError, OutputFolderError
-from steer_experts.responses import collect_responses, token_responses
+from steer_experts.responses import token_responses
 from steer_experts.units import locate_units
 
 from .conftest import TOPICS
@@ -90,22 +90,6 @@ def test_shaded_tokens_are_the_units_own_responses(site):
     np.testing.assert_allclose(shown, seen["x"].numpy(), atol=1e-4)
     pooled = {s: token_responses(model, [s], [unit])[0]["values"].max() for s in concepts.sentences}
     assert text == max(pooled, key=pooled.get)
-
-
-def test_token_responses_drop_special_tokens_and_pool_to_the_cached_response(tiny_bos_model, tmp_path):
-    sentences = ["A dog ran home.", "Rain again today, and more rain tomorrow."]
-    n_units = sum(s.width for s in locate_units(tiny_bos_model.model))
-    units = [n_units - 1, 3, n_units // 2]  # last layer first: the columns follow the order asked
-    out = token_responses(tiny_bos_model, sentences, units)
-    for sentence, result in zip(sentences, out):
-        ids = tiny_bos_model.tokenizer(sentence)["input_ids"]
-        assert ids[0] == tiny_bos_model.tokenizer.bos_token_id
-        assert len(result["tokens"]) == len(ids) - 1 and "".join(result["tokens"]) == sentence
-        assert result["values"].shape == (len(ids) - 1, 3)
-    pooled = collect_responses(tiny_bos_model, sentences, cache_dir=tmp_path, progress=False).take(units)
-    np.testing.assert_allclose(pooled, np.stack([r["values"].max(axis=0) for r in out]), atol=1e-5)
-    with pytest.raises(InvalidArgumentError, match=rf"indices in \[0, {n_units}\)"):
-        token_responses(tiny_bos_model, sentences, [n_units])
 
 
 def test_bad_input_writes_nothing(atlas_inputs, tmp_path):

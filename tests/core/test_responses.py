@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import steer_experts.responses as responses_module
-from steer_experts.errors import CorruptFileError
+from steer_experts.errors import CorruptFileError, InvalidArgumentError
 from steer_experts.models import CACHE_ENV, LoadedModel
-from steer_experts.responses import CacheRepairWarning, Responses, collect_responses, response_cache_folder
+from steer_experts.responses import (
+    CacheRepairWarning, Responses, collect_responses, response_cache_folder, token_responses,
+)
+from steer_experts.units import locate_units
 
 from .test_models import _reference_neurons
 
@@ -297,3 +300,29 @@ def test_plan_shrunk_by_another_run_stops_this_one(tiny_bos_model, tmp_path, mon
         collect_responses(tiny_bos_model, SENTENCES, batch_size=1, shard_size=1, cache_dir=tmp_path, progress=False)
     assert str(error.value) == (f"The plan of the response cache {folder} changed while this run was writing it "
                                 "(another run repaired the cache). Run again: finished shards are kept.")
+
+
+def test_token_responses_drop_special_tokens_and_pool_to_the_cached_response(tiny_bos_model, tmp_path):
+    sentences = ["A dog ran home.", "Rain again today, and more rain tomorrow."]
+    n_units = sum(s.width for s in locate_units(tiny_bos_model.model))
+    units = [n_units - 1, 3, n_units // 2]  # last layer first: the columns follow the order asked
+    out = token_responses(tiny_bos_model, sentences, units)
+    for sentence, result in zip(sentences, out):
+        ids = tiny_bos_model.tokenizer(sentence)["input_ids"]
+        assert ids[0] == tiny_bos_model.tokenizer.bos_token_id
+        assert len(result["tokens"]) == len(ids) - 1 and "".join(result["tokens"]) == sentence
+        assert result["values"].shape == (len(ids) - 1, 3)
+    pooled = collect_responses(tiny_bos_model, sentences, cache_dir=tmp_path, progress=False).take(units)
+    np.testing.assert_allclose(pooled, np.stack([r["values"].max(axis=0) for r in out]), atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match=rf"indices in \[0, {n_units}\)"):
+        token_responses(tiny_bos_model, sentences, [n_units])
+
+
+def test_take_reads_any_units_in_any_order_as_columns_does(tiny_model, tmp_path):
+    sentences = [f"Sentence number {i} is here." for i in range(40)]
+    responses = collect_responses(tiny_model, sentences, batch_size=4, shard_size=8, cache_dir=tmp_path,
+                                  progress=False)
+    whole = responses.to_numpy()
+    units = [responses.n_units - 1, 0, 7, 7, responses.n_units // 2]
+    np.testing.assert_array_equal(responses.take(units), whole[:, units])
+    np.testing.assert_array_equal(responses.columns(3, 9), whole[:, 3:9])
