@@ -181,12 +181,12 @@ def _atlas(args: argparse.Namespace) -> None:
     from .experts import ExpertSet
     from .models import check_device, load_model
 
+    if args.steer is not None and args.concepts is None:
+        raise _UsageError("--steer needs --concepts (and so the model).")
     check_output_folder(args.out, SITE_NAMES, overwrite=args.overwrite, what="atlas")
     check_device(args.device)
     experts = ExpertSet.from_pretrained(args.experts)
     model = concepts = None
-    if args.steer is not None and args.concepts is None:
-        raise _UsageError("--steer needs --concepts (and so the model).")
     if args.concepts is not None:
         seed = experts.metadata.get("negative_sampling_seed", 0)  # the negatives discovery drew: a cache hit
         concepts = ConceptSet.load(args.concepts).with_sampled_negatives(args.n_negatives, seed)
