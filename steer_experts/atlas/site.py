@@ -154,9 +154,7 @@ def _slugs(names: list[str]) -> dict[str, str]:
 
 
 def _locate(experts: ExpertSet, unit: int) -> tuple[int, int]:
-    offsets = np.cumsum([0] + [s.width for s in experts.sites])
-    i = int(np.searchsorted(offsets, unit, side="right") - 1)
-    return experts.sites[i].layer, unit - int(offsets[i])
+    return int(experts.layer[unit]), int(experts.neuron[unit])
 
 
 class _Evidence:
@@ -216,10 +214,9 @@ def _steered_samples(experts: ExpertSet, model: LoadedModel, prompt: str, ks: Se
 
 
 def _ap_by_layer(experts: ExpertSet, c: int) -> tuple[list[int], np.ndarray]:
-    offsets = np.cumsum([0] + [s.width for s in experts.sites])
+    layers = [s.layer for s in experts.sites]
     ap = experts.expertise.ap[c]
-    return ([s.layer for s in experts.sites],
-            np.array([ap[offsets[i]:offsets[i + 1]].max() for i in range(len(experts.sites))]))
+    return layers, np.array([ap[experts.layer == layer].max() for layer in layers])
 
 
 def _index_page(experts: ExpertSet, expert_for: dict[int, list[str]], slugs, tau: float) -> str:
