@@ -77,14 +77,16 @@ def write_report(run: RunFolder, report: dict, settings: WritingSettings, words:
     run.write("report.md", "\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the recipe; returns the writing report (also written to ``<out>/writing_report.json``)."""
+def parse_args(argv: list[str] | None):
+    """The recipe's options (``argv``; None reads the command line)."""
     p = recipe_parser(__doc__, experts=False)  # --out: concepts/ inside loads with ConceptSet.load
     p.add_argument("--words", help="comma-separated words, or a file with one word per line")
     p.add_argument("--men-words", type=int, default=100, help="otherwise: this many MEN words, chosen greedily")
     p.add_argument("--ratings", help="MEN file for --men-words (default: in the shared data)")
     p.add_argument("--n-positives", type=int, default=100)
-    p.add_argument("--styles", default=",".join(PROMPTS), help=f"comma-separated, from {list(PROMPTS)}")
+    p.add_argument("--styles", default=",".join(WritingSettings.styles),
+                   help=f"comma-separated, from {list(PROMPTS)} (everyday sentences need not name the word: "
+                        "they are for the neutral bank, not for concept positives)")
     p.add_argument("--batch-size", type=int, default=48, help="prompts per round (one word per round)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-words", type=int, default=40, help="longest sentence kept, in words")
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget-minutes", type=float, help="start no new round after this much wall time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parse(p, argv)  # --model: an instruct model with a chat template
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the recipe; returns the writing report (also written to ``<out>/writing_report.json``)."""
+    args = parse_args(argv)
     run = RunFolder(args.out)
     out = run.root
     words = choose_words(args)

@@ -240,3 +240,16 @@ def test_smollm2_writes_loadable_concepts(smollm2, tmp_path):
     summary = report.to_dict()
     assert summary["kept_sentences"] >= summary["positives_per_word"]["apple"] == len(rows)
     assert 0 < summary["yield"] <= 1 and summary["tokens_per_second"] > 0
+
+
+def test_generate_concepts_writes_only_styles_that_name_the_word(tmp_path):
+    """The men100 run once defaulted to every style, and half its positives were everyday sentences that
+    need not name the word."""
+    from steer_experts.writing.writer import MENTION_FREE_STYLES
+
+    from ..helpers import recipe
+
+    args = recipe("generate_concepts").parse_args(["--out", str(tmp_path / "out")])
+    styles = args.styles.split(",")
+    assert styles == list(WritingSettings.styles)
+    assert not set(styles) & MENTION_FREE_STYLES
