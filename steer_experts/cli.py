@@ -19,23 +19,37 @@ from .errors import InvalidArgumentError, SteerExpertsError
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # models.DTYPES, without importing torch to parse
 
 
-def _discover(args: argparse.Namespace) -> None:
+def _discover_inputs(args: argparse.Namespace):
+    """The output folder and the concepts of `discover`, checked before anything heavy loads or is written."""
     from .atomic import check_output_folder
     from .concepts import ConceptSet
-    from .discovery import discover
     from .experts import SAVED_NAMES
-    from .figures import plot_ap_by_layer
-    from .models import check_device, load_model
+    from .models import check_device
 
-    # Read and validate the data and the output folder before loading anything heavy or writing anything.
     out = check_output_folder(args.out, SAVED_NAMES, overwrite=args.overwrite, what="expert set")
     check_device(args.device)
     concepts = ConceptSet.load(args.concepts)
     concepts.with_sampled_negatives(args.n_negatives, args.seed)  # fails now, not after the model ran
-    print(f"{concepts}: {concepts.report}", file=sys.stderr)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    return out, concepts
+
+
+def _discover(args: argparse.Namespace) -> None:
+    from .discovery import discover
+    from .distributed import is_lead, local_device
+    from .figures import plot_ap_by_layer
+    from .models import load_model
+
+    out, concepts = _discover_inputs(args)
+    # With several processes (torchrun, --workers) all compute; only rank 0 speaks and saves.
+    lead = is_lead()
+    if lead:
+        print(f"{concepts}: {concepts.report}", file=sys.stderr)
+    model = load_model(args.model, dtype=args.dtype, device=local_device(args.device))
     expert_set = discover(model, concepts, pooling=args.pooling, max_length=args.max_length,
-                          batch_size=args.batch_size, n_negatives=args.n_negatives, seed=args.seed)
+                          batch_size=args.batch_size, shard_size=args.shard_size, n_negatives=args.n_negatives,
+                          seed=args.seed)
+    if not lead:
+        return
     expert_set.save_pretrained(out, overwrite=args.overwrite)
     figure = plot_ap_by_layer(expert_set, out / "ap_by_layer.png")
     print(expert_set.summary(top=args.top))
@@ -44,6 +58,25 @@ def _discover(args: argparse.Namespace) -> None:
         print(f"\n{truncated} of {expert_set.metadata['n_sentences']} sentences were longer than "
               f"{args.max_length} tokens and were truncated (raise --max-length to keep them whole).")
     print(f"\nWrote {out}/ (expert set) and {figure}.")
+
+
+def _discover_workers(args: argparse.Namespace) -> None:
+    """`discover --workers N`: the same command in N processes on this machine, sharing the threads out."""
+    import torch
+
+    from .distributed import spawn_team
+
+    _discover_inputs(args)  # a mistake fails once, before any process starts
+    # --threads is the run's total: N processes of that many threads each would fight for the cores.
+    threads = max(1, (args.threads or torch.get_num_threads()) // args.workers)
+    spawn_team(args.workers, _team_member, argparse.Namespace(**{**vars(args), "workers": 1, "threads": threads}))
+
+
+def _team_member(args: argparse.Namespace) -> None:
+    """One process of `discover --workers N`: runs the command and exits with its code."""
+    code = _run(args, args.run)
+    if code:
+        sys.exit(code)
 
 
 def _side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 48) -> str:
@@ -315,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pooling", choices=("max", "mean"), default="max")
     d.add_argument("--max-length", type=_positive_int, default=128, help="tokens kept per sentence")
     d.add_argument("--batch-size", type=_positive_int, default=32)
+    d.add_argument("--shard-size", type=_positive_int, default=512,
+                   help="sentences per response cache file (fixed by the first run of a cache folder); "
+                        "the unit of work that --workers share out")
+    d.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes on this machine, each collecting its share of the shards and scoring its "
+                        "share of the units (same result, bit for bit); --threads is then their total")
     d.add_argument("--n-negatives", type=_positive_int, default=1000,
                    help="negatives sampled per concept that has none")
     d.add_argument("--seed", type=_non_negative_int, default=0)
@@ -423,6 +462,11 @@ _USER_ERRORS = (SteerExpertsError, ValueError, LookupError, OSError, ConnectionE
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``steer-experts``; returns the exit code (0 done, 2 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    return _run(args, _discover_workers if getattr(args, "workers", 1) > 1 else args.run)
+
+
+def _run(args: argparse.Namespace, run) -> int:
+    """``run(args)`` with the global options applied and library errors turned into one line; the exit code."""
     try:
         if args.threads is not None:
             import torch
@@ -432,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.debug:  # a repaired cache file is news for the user, not a source line
                 warnings.showwarning = lambda message, *_a, **_k: print(
                     f"steer-experts {args.command}: warning: {message}", file=sys.stderr)
-            args.run(args)
+            run(args)
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -46,20 +46,25 @@ NEGATIVES = ("sampled", "per_concept", "contrast")
 
 
 def discover(model: LoadedModel, concepts: ConceptSet, *, negatives: str = "sampled", unit_kind: str = "mlp",
-             pooling: str = "max", max_length: int = 128, batch_size: int = 32, n_negatives: int = 1000,
-             seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True) -> ExpertSet:
+             pooling: str = "max", max_length: int = 128, batch_size: int = 32, shard_size: int = 512,
+             n_negatives: int = 1000, seed: int = 0, cache_dir: str | Path | None = None,
+             progress: bool = True) -> ExpertSet:
     """Find the experts of every concept: collect responses, score expertise, return an :class:`ExpertSet`.
 
     Concepts without negatives first get ``n_negatives`` sampled (with ``seed``) from the
     other concepts' positives; ``negatives`` then says what each is scored against (see the
     module docstring). Responses are cached (see
     :func:`~steer_experts.responses.collect_responses` for the other arguments).
+
+    Under torchrun (or ``steer-experts discover --workers N``) every process calls it alike:
+    they share the response shards and the units (:mod:`~steer_experts.distributed`), and each
+    returns the same expert set, bit for bit the one a lone process finds; save it from one.
     """
     if negatives not in NEGATIVES:
         raise InvalidArgumentError(f"negatives must be one of {NEGATIVES}; got {negatives!r}.")
     concepts = concepts.with_sampled_negatives(n_negatives, seed)
     collect = dict(unit_kind=unit_kind, pooling=pooling, max_length=max_length, batch_size=batch_size,
-                   cache_dir=cache_dir, progress=progress)
+                   shard_size=shard_size, cache_dir=cache_dir, progress=progress)
     if negatives == "per_concept":
         parts = [_discover_together(model, concepts.subset([name]), seed, collect) for name in concepts.names]
         return ExpertSet.concat(parts, {"discovered": "each concept against its own negatives"})

@@ -32,6 +32,14 @@ streams in blocks of ``block_units`` columns; inside a block, chunks of units
 small enough to stay in cache are scored on all CPU cores (numpy releases the
 GIL in these loops). Every number depends only on its own unit's column, so
 block and chunk sizes never change a result.
+
+That is also what lets several processes of one run (see
+:mod:`~steer_experts.distributed`) split the units: each scores a fixed range of
+columns, from the range's first column on, and all gather the ranges. No number
+mixes units: sorts, ranks and counts are per unit row, and the float sums
+(``reduceat`` over a row's segments, ``sum`` along a row) run inside one row, so
+where a block or range starts changes no bit (``tests/core/test_distributed.py``
+checks it across numpy's 8192-element buffer).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .distributed import team
 
 # Each chunk's working arrays stay near this many elements, to stay in cache.
 _CHUNK_ELEMENTS = 1 << 17
@@ -123,37 +133,50 @@ def compute_expertise(
     are the positives' / negatives' mean response, summed in float64.
     Raises ValueError on a concept without positives or negatives, on bad
     indices, or on NaN responses.
+
+    With several processes (see :mod:`~steer_experts.distributed`) this is a
+    collective: each scores one contiguous range of units, and every process
+    returns the whole :class:`Expertise`, equal bit for bit to one process's.
     """
     if block_units < 1:
         raise ValueError(f"block_units must be >= 1, got {block_units}")
     (n_rows, n_units), read_columns = _column_source(responses)
     plan = _Plan(_evaluation_sets(concepts, n_rows), n_rows)
-
-    n_concepts = len(plan.names)
-    scores = _empty_scores(n_concepts, n_units)
-    chunk = max(1, _CHUNK_ELEMENTS // max(n_rows, plan.entries_per_unit))
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-    def score_span(block: np.ndarray, start: int, lo: int, hi: int) -> None:
-        for name, values in _score_units(block[:, lo:hi], plan).items():
-            scores[name][:, start + lo : start + hi] = values
-
-    with ThreadPoolExecutor(workers) as pool, tqdm(
-        total=n_units, desc="expertise", unit="unit", disable=not progress
-    ) as bar:
-        for start in range(0, n_units, block_units):
-            stop = min(start + block_units, n_units)
-            block = _read_block(read_columns, start, stop, n_rows)
-            spans = [(lo, min(lo + chunk, stop - start)) for lo in range(0, stop - start, chunk)]
-            list(pool.map(lambda span: score_span(block, start, *span), spans))  # re-raises errors
-            bar.update(stop - start)
-
+    members = team()
+    units = range(n_units * members.rank // members.size, n_units * (members.rank + 1) // members.size)
+    scores = _score_range(read_columns, plan, n_rows, units, block_units, progress and members.lead)
+    if members.size > 1:
+        scores = {name: np.concatenate(members.gather(values), axis=1) for name, values in scores.items()}
     return Expertise(
         concepts=plan.names,
         **scores,
         n_positives=plan.n_pos.copy(),
         n_negatives=plan.n_neg.copy(),
     )
+
+
+def _score_range(read_columns, plan: _Plan, n_rows: int, units: range, block_units: int,
+                 progress: bool) -> dict[str, np.ndarray]:
+    """Score ``units`` (a range of columns) in blocks of ``block_units`` from its start; each stat as a
+    (C, len(units)) array."""
+    scores = _empty_scores(len(plan.names), len(units))
+    chunk = max(1, _CHUNK_ELEMENTS // max(n_rows, plan.entries_per_unit))
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def score_span(block: np.ndarray, start: int, lo: int, hi: int) -> None:
+        for name, values in _score_units(block[:, lo:hi], plan).items():
+            scores[name][:, start - units.start + lo : start - units.start + hi] = values
+
+    with ThreadPoolExecutor(workers) as pool, tqdm(
+        total=len(units), desc="expertise", unit="unit", disable=not progress
+    ) as bar:
+        for start in range(units.start, units.stop, block_units):
+            stop = min(start + block_units, units.stop)
+            block = _read_block(read_columns, start, stop, n_rows)
+            spans = [(lo, min(lo + chunk, stop - start)) for lo in range(0, stop - start, chunk)]
+            list(pool.map(lambda span: score_span(block, start, *span), spans))  # re-raises errors
+            bar.update(stop - start)
+    return scores
 
 
 def _empty_scores(n_concepts: int, n_units: int) -> dict[str, np.ndarray]:

@@ -13,9 +13,9 @@ from steer_experts.errors import SteerExpertsError
 
 PACKAGE = Path(steer_experts.__file__).resolve().parent
 # README's reading order of the core modules: none imports one listed after it.
-PIPELINE = ("errors", "atomic", "integrity", "hub", "words", "concepts", "models", "units", "writing", "responses",
-            "expertise", "experts", "discovery", "effects", "interventions", "model_card", "steering", "diffmean", "prompting",
-            "calibration", "figures", "cli")
+PIPELINE = ("errors", "atomic", "integrity", "hub", "distributed", "words", "concepts", "models", "units", "writing",
+            "responses", "expertise", "experts", "discovery", "effects", "interventions", "model_card", "steering",
+            "diffmean", "prompting", "calibration", "figures", "cli")
 
 
 def test_every_exported_name_exists_and_is_documented():
