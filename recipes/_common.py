@@ -43,7 +43,7 @@ MEN = Path("human") / "men" / "MEN_dataset_natural_form_full"
 MEN_AGREEMENT = Path("human") / "men" / "agreement-score.txt"
 # What a recipe may find in its --out folder besides its own files: anything else is refused.
 RUN_OUTPUT_NAMES = ("run.json", "cells", "experts", "means", "concepts", "baselines", "similarity", "models",
-                    "cache", "*.json", "*.json.gz", "*.jsonl", "*.csv", "*.png", "*.txt", "*.md")
+                    "curve", "cache", "*.json", "*.json.gz", "*.jsonl", "*.csv", "*.png", "*.txt", "*.md")
 # Which model scores the other's text: perplexity under a *different* model, as the paper does.
 CROSS_SCORER = {"smollm2-135m": "gemma3-270m", "gemma3-270m": "smollm2-135m"}
 

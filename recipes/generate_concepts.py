@@ -6,10 +6,18 @@ folder's ``concepts/`` loads with ``ConceptSet.load``. Re-running resumes: words
 already done are skipped, and an interrupted word continues at its next round.
 
     python recipes/generate_concepts.py --men-words 100 --n-positives 100 --out out/men100
+
+``--package NAME`` also packs the kept sentences with their provenance (model, prompts, seeds,
+filters, counts per word) into ``<out>/NAME.json.gz``, or with ``--install`` into the package,
+where ``ConceptSet.load_builtin(NAME)`` reads it offline. ``--budget-minutes 0`` packs
+what is written without writing more.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,12 +28,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from _common import MEN, LazyModel, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
-from steer_experts.concepts import ConceptSet  # noqa: E402
+from steer_experts.atomic import atomic_write  # noqa: E402
+from steer_experts.concepts import BUILTIN_FOLDER, ConceptSet, ConceptDataError  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.ratings import greedy_word_choice, load_men  # noqa: E402
-from steer_experts.writing import PROMPTS, WritingSettings, write_concepts  # noqa: E402
+from steer_experts.writing import DROP_REASONS, PROMPTS, ConceptWriter, WritingReport, WritingSettings  # noqa: E402
 
 
 def choose_words(args) -> list[str]:
@@ -77,6 +87,48 @@ def write_report(run: RunFolder, report: dict, settings: WritingSettings, words:
     run.write("report.md", "\n".join(lines))
 
 
+def pack(writer: ConceptWriter, result: WritingReport, notes: list) -> bytes:
+    """The built-in concept set file: gzipped JSON ``{"provenance", "rows"}`` (mtime 0, so the same
+    sentences give the same bytes), each word's first ``n_positives`` kept sentences with their style."""
+    s = writer.settings
+    rows = [{"concept": w.word, "text": k["text"], "label": 1, "style": k["style"]}
+            for w in result.words for k in w.kept[:s.n_positives]]
+    kept = [min(len(w.kept), s.n_positives) for w in result.words]
+    provenance = {
+        "written_by": "recipes/generate_concepts.py", "model": writer.model.name,
+        "model_fingerprint": writer.model.fingerprint, "backend": writer.sampler.name,
+        "settings": {k: v for k, v in s.generation_key().items() if k != "prompts"},
+        "prompts": s.generation_key()["prompts"], "n_positives": s.n_positives, "max_rounds": s.max_rounds,
+        "seeds": f"round r of word w is sampled with round_seed({s.seed}, w, r) (writing.round_seed: blake2b)",
+        "filters": f"a candidate sentence is kept when it ends in . ! or ?, has {s.min_words}-{s.max_words} "
+                   "words, no emoji or control characters, names the word (any inflection, words.mention_pattern) "
+                   "outside quotes, and is not a case- and space-insensitive repeat of a kept sentence",
+        "per_word": {w.word: {"kept": n, "rounds": w.rounds, "tokens": w.tokens, "seconds": round(w.seconds, 1),
+                              "candidates": w.counts["generated"],
+                              "dropped": {r: w.counts[r] for r in DROP_REASONS}}
+                     for w, n in zip(result.words, kept)},
+        "positives": {"min": min(kept), "median": float(np.median(kept)), "max": max(kept), "total": sum(kept)},
+        "notes": notes,
+    }
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(json.dumps({"provenance": provenance, "rows": rows}, indent=0).encode())
+    return raw.getvalue()
+
+
+def install(name: str, data: bytes) -> Path:
+    """Write a packed concept set into the package, refusing to replace a file this recipe did not write."""
+    path = BUILTIN_FOLDER / f"{name}.json.gz"
+    if path.exists():
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            written_by = json.load(f).get("provenance", {}).get("written_by")
+        if written_by != "recipes/generate_concepts.py":
+            raise ConceptDataError(f"{path} exists and was not written by this recipe ({written_by!r}); "
+                                   "choose another --package name.")
+    path.parent.mkdir(exist_ok=True)
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
 def parse_args(argv: list[str] | None):
     """The recipe's options (``argv``; None reads the command line)."""
     p = recipe_parser(__doc__, experts=False)  # --out: concepts/ inside loads with ConceptSet.load
@@ -94,8 +146,18 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--backend", default="auto", choices=("auto", "ctranslate2", "transformers"),
                    help="what writes (auto: CTranslate2 where it converts the model, else transformers)")
     p.add_argument("--budget-minutes", type=float, help="start no new round after this much wall time")
+    p.add_argument("--package", metavar="NAME", help="pack the sentences and provenance into <out>/NAME.json.gz")
+    p.add_argument("--install", action="store_true", help="with --package: into the package instead "
+                   "(ConceptSet.load_builtin(NAME))")
+    p.add_argument("--note", action="append", default=[],
+                   help="with --package: a JSON file recorded in the provenance's notes (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parse(p, argv)  # --model: an instruct model with a chat template
+    if (args.install or args.note) and not args.package:
+        p.error("--install and --note need --package NAME")
+    if args.package and not args.package.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--package {args.package!r}: use letters, digits, - and _ only")
+    args.notes = [json.loads(Path(f).read_text()) for f in args.note]
     return args
 
 
@@ -112,16 +174,20 @@ def main(argv: list[str] | None = None) -> dict:
                                backend=args.backend)
     print(f"Writing {settings.n_positives} positives for {len(words)} words with {args.model} "
           f"into {out / 'concepts'}", file=sys.stderr)
-    model = LazyModel(args).get()
+    writer = ConceptWriter(LazyModel(args).get(), out / "concepts", settings)
     started = time.time()
-    result = write_concepts(model, words, out / "concepts", settings,
-                            budget_seconds=None if args.budget_minutes is None else 60 * args.budget_minutes,
-                            progress=not args.quiet)
+    result = writer.write(words, budget_seconds=None if args.budget_minutes is None else 60 * args.budget_minutes,
+                          progress=not args.quiet)
     report = {"model": args.model, "threads": args.threads, "n_positives": settings.n_positives,
               "started": started, **result.to_dict()}
     run.write("writing_report.json", report)
     plot_yield(report, out / "yield_by_word.png")
     write_report(run, report, settings, words, ConceptSet.load(out / "concepts"))
+    if args.package:
+        data = pack(writer, result, args.notes)
+        packed = install(args.package, data) if args.install else \
+            atomic_write(out / f"{args.package}.json.gz", lambda p: p.write_bytes(data))
+        print(f"packed {packed}", file=sys.stderr)
     print(f"{report['kept_per_second']:.2f} sentences/s, {report['tokens_per_second']:.1f} tokens/s, "
           f"yield {report['yield']:.1%}; wrote {out}/report.md", file=sys.stderr)
     return report

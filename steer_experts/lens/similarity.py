@@ -4,6 +4,8 @@ Two concepts are similar when their experts overlap:
 
 * **Jaccard at tau**: |E_a & E_b| / |E_a | E_b| with E_c = {units with AP > tau}.
   Undefined (NaN) when either set is empty.
+* **Jaccard of the top k**: the same overlap with E_c = the k units of highest AP
+  (``ExpertSet.select(c, k=k)``): every concept has experts, whatever its positive rate.
 * **AP cosine**: cosine of the full AP vectors (one value per unit), optionally
   mean-centred per unit across concepts, which removes what every concept shares
   (units that fire on any sentence get AP near the positive rate for all).
@@ -138,6 +140,18 @@ def jaccard_similarity(experts: ExpertSet | tuple[np.ndarray, Sequence[str]], ta
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where((sizes[:, None] > 0) & (sizes[None, :] > 0), inter / union, np.nan)
     return SimilarityMatrix(concepts, values, f"jaccard tau={tau:g}")
+
+
+def top_k_jaccard_similarity(experts: ExpertSet | tuple[np.ndarray, Sequence[str]], k: int) -> SimilarityMatrix:
+    """Jaccard overlap of every pair of concepts' top-k expert sets (the k units of highest AP, ties to
+    the lower unit index, as :meth:`ExpertSet.select` breaks them): |E_a & E_b| / |E_a | E_b|, never undefined."""
+    ap, concepts = _ap_and_concepts(experts)
+    if not 1 <= k <= ap.shape[1]:
+        raise ValueError(f"k must be in [1, {ap.shape[1]}] (the units); got {k}.")
+    masks = np.zeros(ap.shape)
+    np.put_along_axis(masks, np.argsort(-ap, axis=1, kind="stable")[:, :k], 1.0, axis=1)
+    inter = masks @ masks.T
+    return SimilarityMatrix(concepts, inter / (2 * k - inter), f"jaccard top k={k}")
 
 
 def ap_cosine_similarity(experts: ExpertSet | tuple[np.ndarray, Sequence[str]],

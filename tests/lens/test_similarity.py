@@ -17,6 +17,7 @@ from steer_experts.lens.ratings import (
 )
 from steer_experts.lens.similarity import (
     SimilarityMatrix, ap_cosine_similarity, experts_per_concept, jaccard_similarity, relative_taus, shared_experts,
+    top_k_jaccard_similarity,
 )
 from steer_experts.units import UnitSite
 
@@ -51,6 +52,18 @@ def test_jaccard_matches_python_sets():
             else:
                 assert sim.values[i, j] == pytest.approx(len(sets[i] & sets[j]) / len(sets[i] | sets[j]))
         assert experts_per_concept(es, tau).tolist() == [len(s) for s in sets]
+
+
+def test_top_k_jaccard_matches_the_selected_expert_sets():
+    es = random_expert_set()
+    es.expertise.ap[0, :4] = es.expertise.ap[1, :4] = 0.99  # ties at the top: broken as select() breaks them
+    for k in (1, 3, 4, 12):
+        sim = top_k_jaccard_similarity(es, k)
+        sets = [set(es.select(c, k=k).units.tolist()) for c in NAMES]
+        for i, j in itertools.product(range(len(NAMES)), repeat=2):
+            assert sim.values[i, j] == pytest.approx(len(sets[i] & sets[j]) / len(sets[i] | sets[j]))
+    with pytest.raises(ValueError, match="k must be in"):
+        top_k_jaccard_similarity(es, 13)
 
 
 def test_ap_cosine_matches_numpy():

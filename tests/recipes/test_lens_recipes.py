@@ -78,7 +78,7 @@ def alignment(tmp_path_factory, concept_folder, tiny_folder):
     out = tmp_path_factory.mktemp("alignment")
     args = ["--out", str(out), "--concepts", str(concept_folder), "--model", str(tiny_folder),
             "--ratings", str(MEN_FILE), "--agreement", str(MEN / "agreement-score.txt"),
-            "--n-negatives", "30", "--n-boot", "200", "--cache-dir", str(out / "cache"), "--quiet"]
+            "--n-negatives", "30", "--n-boot", "200", "--curve", "2,4", "--cache-dir", str(out / "cache"), "--quiet"]
     return out, recipe("human_alignment").main(args), args
 
 
@@ -100,7 +100,7 @@ def test_alignment_numbers_are_consistent(alignment, words):
     ap = expert_set.expertise.ap
     index = {c: i for i, c in enumerate(expert_set.concepts)}
     families = {r["family"] for r in result["rows"]}
-    assert {"jaccard", "jaccard relative", "ap cosine", "ap profile", "baseline"} <= families
+    assert {"jaccard", "jaccard relative", "jaccard top-k", "ap cosine", "ap profile", "baseline"} <= families
     assert [r["method"] for r in result["rows"] if r["family"] == "ap profile"] == ["ap pearson", "ap spearman",
                                                                                     "ap lift cosine"]
     for r in result["rows"]:
@@ -195,3 +195,119 @@ def test_alignment_min_positives_leaves_concepts_out(alignment):
     _, _, args = alignment
     with pytest.raises(InvalidArgumentError, match="Only 0 rated pairs"):
         recipe("human_alignment").main([*args, "--min-positives", str(len(TEMPLATES) + 1)])
+
+
+def test_alignment_chooses_on_dev_and_reports_on_test(alignment, words):
+    """The dev and test pairs split the rated pairs; the chosen expert method has the best dev rho among the
+    methods defined on enough dev pairs; every test rho is scipy's Spearman on the test pairs alone; the
+    verdict compares the chosen method with each baseline family's best dev variant."""
+    from scipy.stats import spearmanr
+
+    from steer_experts.lens.ratings import load_men
+    from steer_experts.lens.similarity import SimilarityMatrix
+
+    out, result, _ = alignment
+    protocol = result["dev_test"]
+    ratings = load_men(MEN_FILE)
+    rated = ratings.subset(ratings.pairs_within(words))
+    dev, test = rated.split(0.5, seed=0)
+    assert (protocol["dev_pairs"], protocol["test_pairs"]) == (len(dev), len(test))
+    assert len(dev) + len(test) == len(rated) and len(test) >= 5
+    index = json.loads((out / "similarity" / "index.json").read_text())
+    saved = {m: SimilarityMatrix.from_csv(out / "similarity" / f) for f, m in index.items()}
+
+    def rho(method, part):
+        sim = saved[method]
+        x = np.array([sim.pair(a, b) for a, b in zip(part.word1, part.word2)])
+        keep = ~np.isnan(x)
+        return spearmanr(x[keep], part.scores[keep]).statistic if keep.sum() >= 3 else None, int(keep.sum())
+
+    on_test = {r["method"]: r for r in protocol["test"]}
+    eligible = []
+    for method, row in on_test.items():
+        if method not in saved or row["family"] == "baseline":
+            continue
+        dev_rho, dev_n = rho(method, dev)
+        assert row["dev_rho"] == pytest.approx(dev_rho, abs=1e-6) if dev_rho is not None else row["dev_rho"] is None
+        test_rho, test_n = rho(method, test)
+        assert row["n_pairs"] == test_n
+        if test_rho is not None and not np.isnan(test_rho):
+            assert row["rho"] == pytest.approx(test_rho, abs=1e-6), method
+        if dev_rho is not None and not np.isnan(dev_rho) and dev_n >= 0.95 * len(dev):
+            eligible.append((dev_rho, method))
+    assert protocol["chosen"] == max(eligible)[1]
+    assert protocol["chosen_dev_rho"] == pytest.approx(max(eligible)[0], abs=1e-6)
+    assert set(protocol["chosen_baselines"]) == {"static", "contextual", "minilm word", "minilm sentences"}
+    contextual = [r for m, r in on_test.items() if m.startswith("contextual L")]
+    assert protocol["chosen_baselines"]["contextual"]["method"] == max(contextual, key=lambda r: r["dev_rho"])["method"]
+    assert [d["baseline"] for d in protocol["verdict"]["differences"]] == \
+        [b["method"] for b in protocol["chosen_baselines"].values()]
+    assert "## Chosen on dev, reported on test" in (out / "report.md").read_text()
+
+
+def test_alignment_curve_recomputes_the_chosen_methods_from_fewer_positives(alignment):
+    """At every positive the curve's rho equals the test rho of the full run; with fewer it is recomputed
+    from that many positives per concept."""
+    out, result, _ = alignment
+    protocol, curve = result["dev_test"], result["curve"]
+    assert [p["cap"] for p in curve] == [2, 4, len(TEMPLATES)]
+    assert [p["positives_median"] for p in curve] == [2, 4, len(TEMPLATES)]
+    best_two = sorted(protocol["chosen_baselines"].values(), key=lambda b: -b["dev_rho"])[:2]
+    assert curve[0]["methods"] == [protocol["chosen"], *(b["method"] for b in best_two)]
+    on_test = {r["method"]: r for r in protocol["test"]}
+    for method in curve[0]["methods"]:
+        assert curve[-1]["rho"][method]["rho"] == pytest.approx(on_test[method]["rho"], abs=1e-9), method
+    assert any(curve[0]["rho"][m]["rho"] != curve[-1]["rho"][m]["rho"] for m in curve[0]["methods"])
+    assert (out / "curve.png").stat().st_size > 0 and len(list((out / "curve").glob("*.json"))) == 3
+
+
+def test_a_method_undefined_on_most_dev_pairs_is_not_chosen():
+    """A Jaccard defined on a fifth of the pairs, perfect there, loses to a method defined on all of them."""
+    from argparse import Namespace
+
+    from steer_experts.lens.ratings import WordPairRatings
+    from steer_experts.lens.similarity import SimilarityMatrix
+
+    rng = np.random.default_rng(0)
+    names = [f"w{i}" for i in range(12)]
+    i, j = np.triu_indices(len(names), k=1)
+    scores = rng.uniform(0, 50, size=len(i))
+    rated = WordPairRatings([names[a] for a in i], [names[b] for b in j], scores)
+
+    def matrix(values, method):
+        full = np.full((len(names), len(names)), np.nan)
+        full[i, j] = full[j, i] = values
+        return SimilarityMatrix(names, full, method)
+
+    sparse = np.where(rng.random(len(i)) < 0.2, scores, np.nan)
+    matrices = {"jaccard tau=0.9": matrix(sparse, "jaccard tau=0.9"),
+                "ap cosine centred": matrix(scores + rng.normal(0, 15, len(i)), "ap cosine centred")}
+    for key in ("static", "contextual L0", "contextual L1", "minilm word", "minilm sentences"):
+        matrices[key] = matrix(rng.normal(size=len(i)), key)
+    rows = [{"method": m, "family": "jaccard" if m.startswith("jaccard") else
+             "ap cosine" if m.startswith("ap") else "baseline", "rho": 0.0} for m in matrices]
+    protocol = recipe("human_alignment").dev_test(rows, matrices, rated, Namespace(dev_fraction=0.5, seed=0, n_boot=50))
+    on_test = {r["method"]: r for r in protocol["test"]}
+    assert on_test["jaccard tau=0.9"]["dev_rho"] == pytest.approx(1.0)  # the best dev rho, on few pairs
+    assert protocol["chosen"] == "ap cosine centred"
+
+
+def test_alignment_takes_any_rating_file(alignment, words, tmp_path):
+    """A TSV of the same pairs with named columns, in another order and with the scores negated, gives
+    every method the opposite rho."""
+    out, result, _ = alignment
+    rows = [(a, b, s) for a, b, s in men_rows() if a in words and b in words]
+    tsv = tmp_path / "ratings.tsv"
+    tsv.write_text("score\tfirst\tsecond\n" + "".join(f"{-s}\t{a.upper()}\t{b}\n" for a, b, s in rows))
+    negated = recipe("human_alignment").main([
+        "--out", str(tmp_path / "out"), "--experts", str(out / "experts"), "--no-baselines", "--curve", "",
+        "--ratings", str(tsv), "--ratings-columns", "first,second,score", "--ceiling", "0.84",
+        "--n-boot", "50", "--quiet"])
+    assert negated["pairs_available"] == result["pairs_available"] == len(rows)
+    before = {r["method"]: r["rho"] for r in result["rows"]}
+    compared = 0
+    for r in negated["rows"]:
+        if r["rho"] is not None:
+            assert r["rho"] == pytest.approx(-before[r["method"]], abs=1e-12), r["method"]
+            compared += 1
+    assert compared >= 10

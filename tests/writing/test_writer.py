@@ -253,3 +253,49 @@ def test_generate_concepts_writes_only_styles_that_name_the_word(tmp_path):
     styles = args.styles.split(",")
     assert styles == list(WritingSettings.styles)
     assert not set(styles) & MENTION_FREE_STYLES
+
+
+def test_a_packed_concept_set_loads_by_name_with_its_provenance(tiny_instruct, tmp_path, monkeypatch):
+    """generate_concepts --package: the kept sentences with their styles, counts per word that match the
+    writing state, the same bytes twice, loadable by name; a file the recipe did not write is never replaced."""
+    import gzip
+
+    from steer_experts import concepts as concepts_module
+    from steer_experts.concepts import builtin_concept_sets, builtin_provenance
+
+    from ..helpers import recipe
+    from steer_experts.lens.organisation import styles_of
+
+    generate = recipe("generate_concepts")
+    settings = WritingSettings(batch_size=4, n_positives=5, max_rounds=2, styles=("facts", "stories"))
+    writer = ConceptWriter(tiny_instruct, tmp_path / "writing", settings, ScriptedSampler())
+    result = writer.write(["dog"], progress=False)
+    assert len(result.words[0].kept) > settings.n_positives  # so the cap is exercised
+    data = generate.pack(writer, result, [{"note": "why"}])
+    assert generate.pack(writer, result, [{"note": "why"}]) == data
+
+    monkeypatch.setattr(concepts_module, "BUILTIN_FOLDER", tmp_path / "package")
+    monkeypatch.setattr(generate, "BUILTIN_FOLDER", tmp_path / "package")
+    generate.install("scripted-dogs", data)  # into a package folder it creates
+    generate.install("scripted-dogs", data)  # its own file may be replaced
+    assert "scripted-dogs" in builtin_concept_sets()
+    (concept,) = ConceptSet.load_builtin("scripted-dogs").concepts
+    kept = result.words[0].kept[:settings.n_positives]
+    assert concept.name == "dog" and concept.positives == tuple(k["text"] for k in kept)
+    assert ConceptSet.load("scripted-dogs").concepts == [concept]
+    provenance = builtin_provenance("scripted-dogs")
+    counts = result.words[0].counts
+    assert provenance["per_word"]["dog"]["kept"] == settings.n_positives
+    assert provenance["per_word"]["dog"]["candidates"] == counts["generated"]
+    assert provenance["per_word"]["dog"]["dropped"] == {r: counts[r] for r in DROP_REASONS}
+    assert provenance["model_fingerprint"] == tiny_instruct.fingerprint and provenance["notes"] == [{"note": "why"}]
+    assert provenance["prompts"] == settings.generation_key()["prompts"]
+    styles = styles_of("scripted-dogs")
+    assert sum(len(v["dog"]) for v in styles.values()) == settings.n_positives
+    assert set(styles) <= {"facts", "stories"}
+
+    (tmp_path / "package" / "theirs.json.gz").write_bytes(gzip.compress(b'{"provenance": {"written_by": "someone"}}'))
+    with pytest.raises(ConceptDataError, match="not written by this recipe"):
+        generate.install("theirs", data)
+    with pytest.raises(ConceptDataError, match="No built-in concept set 'nothing'"):
+        ConceptSet.load_builtin("nothing")
