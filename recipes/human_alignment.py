@@ -312,6 +312,19 @@ def fmt(r: dict) -> str:
     return "undefined" if r["rho"] is None else f"{r['rho']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
 
+def difference_lines(differences: list[dict], pairs: str) -> list[str]:
+    """One line per baseline: the paired rho difference with its 95% CI, and what it says."""
+    lines = []
+    for d in differences:
+        if d["difference"] is None:
+            lines.append(f"- vs {d['baseline']}: undefined")
+            continue
+        sig = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "not resolved"
+        lines.append(f"- vs {d['baseline']}: {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] paired, "
+                     f"over {d['n_pairs']} {pairs}: {sig}")
+    return lines
+
+
 def dev_test_lines(protocol: dict, ceiling: float) -> list[str]:
     """The report's dev/test section: what was chosen on dev, every method on test, the paired verdict."""
     v = protocol["verdict"]
@@ -325,13 +338,7 @@ def dev_test_lines(protocol: dict, ceiling: float) -> list[str]:
         lines.append(f"- chosen {family} baseline: {b['method']} (dev rho {b['dev_rho']:.3f})")
     lines += ["", f"**On test, {v['expert']}: rho {v['expert_rho']:.3f}; beats every chosen baseline: {v['answer']}** "
               f"(human ceiling {ceiling:.2f})", ""]
-    for d in v["differences"]:
-        if d["difference"] is None:
-            lines.append(f"- vs {d['baseline']}: undefined")
-            continue
-        sig = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "not resolved"
-        lines.append(f"- vs {d['baseline']}: {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] paired, "
-                     f"over {d['n_pairs']} test pairs: {sig}")
+    lines += difference_lines(v["differences"], "test pairs")
     chosen = {protocol["chosen"], *(b["method"] for b in protocol["chosen_baselines"].values())}
     lines += ["", "| method | family | dev rho | test rho [95% CI] | test pairs |", "|---|---|---|---|---|"]
     for r in sorted(protocol["test"], key=lambda r: -(r["dev_rho"] if r["dev_rho"] is not None else -9)):
@@ -391,14 +398,7 @@ def write_report(out: Path, result: dict) -> None:
     for v in result["verdicts"]:
         lines.append(f"**{v['expert']}** (rho {v['expert_rho']:.3f}; best baseline {v['best_baseline']}, "
                      f"rho {v['best_baseline_rho']:.3f}): **{v['answer']}**")
-        for d in v["differences"]:
-            if d["difference"] is None:
-                lines.append(f"- vs {d['baseline']}: undefined")
-                continue
-            sig = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "not resolved"
-            lines.append(f"- vs {d['baseline']}: {d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
-                         f"over {d['n_pairs']} pairs: {sig}")
-        lines.append("")
+        lines += difference_lines(v["differences"], "pairs") + [""]
     lines += ["## Nearest neighbours (" + result["neighbour_method"] + ", every pair)", ""]
     for row in result["neighbours"][:15]:
         lines.append(f"- **{row['concept']}**: " + ", ".join(f"{n} ({s:.2f})" for n, s in row["neighbours"]))
