@@ -157,7 +157,10 @@ def parse_args(argv: list[str] | None):
         p.error("--install and --note need --package NAME")
     if args.package and not args.package.replace("-", "").replace("_", "").isalnum():
         p.error(f"--package {args.package!r}: use letters, digits, - and _ only")
-    args.notes = [json.loads(Path(f).read_text()) for f in args.note]
+    try:
+        args.notes = [json.loads(Path(f).read_text()) for f in args.note]
+    except (OSError, ValueError) as err:
+        p.error(f"--note must name a JSON file: {err}")
     return args
 
 
