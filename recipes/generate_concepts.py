@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
                           progress=not args.quiet)
     report = {"model": args.model, "threads": args.threads, "n_positives": settings.n_positives,
               "started": started, **result.to_dict()}
-    run.write("writing_report.json", report)
-    plot_yield(report, out / "yield_by_word.png")
-    write_report(run, report, settings, words, ConceptSet.load(out / "concepts"))
+    if args.budget_minutes != 0:  # a pack-only run wrote nothing: the last writing run's reports stay
+        run.write("writing_report.json", report)
+        plot_yield(report, out / "yield_by_word.png")
+        write_report(run, report, settings, words, ConceptSet.load(out / "concepts"))
     if args.package:
         data = pack(writer, result, args.notes)
         packed = install(args.package, data) if args.install else \

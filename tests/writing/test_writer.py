@@ -299,3 +299,23 @@ def test_a_packed_concept_set_loads_by_name_with_its_provenance(tiny_instruct, t
         generate.install("theirs", data)
     with pytest.raises(ConceptDataError, match="No built-in concept set 'nothing'"):
         ConceptSet.load_builtin("nothing")
+
+
+def test_a_pack_only_run_keeps_the_last_writing_runs_reports(tiny_instruct, tmp_path, monkeypatch):
+    """--budget-minutes 0 --package packs what is written and leaves report.md and writing_report.json of the
+    run that wrote it (a pack-only run once replaced them with "0 s, 0 sentences")."""
+    from types import SimpleNamespace
+
+    from ..helpers import recipe
+
+    generate = recipe("generate_concepts")
+    monkeypatch.setattr(generate, "LazyModel", lambda args: SimpleNamespace(get=lambda: tiny_instruct))
+    out = tmp_path / "out"
+    out.mkdir()
+    reports = {"report.md": "the writing run\n", "writing_report.json": '{"kept_sentences": 7}\n'}
+    for name, text in reports.items():
+        (out / name).write_text(text)
+    argv = ["--out", str(out), "--words", "dog", "--backend", "transformers", "--quiet", "--package", "dogs"]
+    generate.main([*argv, "--budget-minutes", "0"])
+    assert {name: (out / name).read_text() for name in reports} == reports
+    assert (out / "dogs.json.gz").exists()
