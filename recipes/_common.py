@@ -64,7 +64,7 @@ def recipe_parser(doc: str, *, experts: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, mps)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps, or auto (accelerate's device_map)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="the model's weights (scorers stay float32)")
     p.add_argument("--data", help=f"shared data folder (default: ${DATA_ENV}, else ../shared/data beside the checkout)")
     p.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import InvalidArgumentError, SteerExpertsError
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # models.DTYPES, without importing torch to parse
+DEVICE_HELP = ("where the model runs: cpu, cuda, cuda:N, mps, or auto (accelerate spreads the layers over "
+               "every GPU, for a model that does not fit one)")
 
 
 def _discover_inputs(args: argparse.Namespace):
@@ -24,10 +26,11 @@ def _discover_inputs(args: argparse.Namespace):
     from .atomic import check_output_folder
     from .concepts import ConceptSet
     from .experts import SAVED_NAMES
+    from .distributed import local_device
     from .models import check_device
 
     out = check_output_folder(args.out, SAVED_NAMES, overwrite=args.overwrite, what="expert set")
-    check_device(args.device)
+    check_device(local_device(args.device, args.workers if args.workers > 1 else None))
     concepts = ConceptSet.load(args.concepts)
     concepts.with_sampled_negatives(args.n_negatives, args.seed)  # fails now, not after the model ran
     return out, concepts
@@ -326,7 +329,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=_non_negative_int, default=0)
     d.add_argument("--top", type=_non_negative_int, default=10, help="experts listed per concept")
     d.add_argument("--dtype", choices=DTYPES, default="float32")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--device", default="cpu", help=DEVICE_HELP)
     d.set_defaults(run=_discover)
 
     g = sub.add_parser("generate", help="print steered and unsteered continuations of a prompt side by side")
@@ -425,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tau", type=_tau, default=0.5,
                    help="AP above which a unit counts as an expert")
     a.add_argument("--dtype", choices=DTYPES, default="float32")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", default="cpu", help=DEVICE_HELP)
     a.set_defaults(run=_atlas)
 
     p = sub.add_parser("push", help="upload a saved expert set or steered model folder to the Hugging Face Hub")

@@ -144,10 +144,19 @@ def is_lead() -> bool:
     return _launch_setting("RANK", 0) == 0
 
 
-def local_device(device: str) -> str:
-    """The device this process should use when asked for ``device``: with several processes on
-    one machine, a plain ``"cuda"`` is ``"cuda:LOCAL_RANK"`` (one GPU each); anything else as given."""
-    if device == "cuda" and _launch_setting("WORLD_SIZE", 1) > 1:
+def local_device(device: str, processes: int | None = None) -> str:
+    """The device this process should use when asked for ``device``, with ``processes`` in the team
+    (default: ``WORLD_SIZE``): with several, a plain ``"cuda"`` is ``"cuda:LOCAL_RANK"`` (one GPU
+    each); anything else as given.
+
+    Raises:
+        InvalidArgumentError: ``"auto"`` (one model spread over every GPU) with several processes.
+    """
+    processes = _launch_setting("WORLD_SIZE", 1) if processes is None else processes
+    if processes > 1 and device == "auto":
+        raise InvalidArgumentError("--device auto spreads one model over every GPU, so several processes "
+                                   "(torchrun, --workers) cannot each have one; give each a GPU: --device cuda.")
+    if device == "cuda" and processes > 1:
         return f"cuda:{_launch_setting('LOCAL_RANK', 0)}"
     return device
 

@@ -212,7 +212,9 @@ def load_model(
         name_or_path: ``"smollm2-135m"`` (default), ``"gemma3-270m"``, a local
             folder, or a hub id such as ``"gpt2"`` (needs network).
         dtype: torch dtype (or its name) for the weights.
-        device: where to put the model (``"cpu"``, ``"cuda"``, ...).
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), or ``"auto"``:
+            accelerate's ``device_map="auto"`` spreads the layers over every GPU (then the CPU) for a
+            model that does not fit one device; inputs go to the device of its embeddings.
 
     Returns:
         A :class:`LoadedModel` in eval mode.
@@ -243,12 +245,15 @@ def load_model(
     except Exception as err:  # transformers raises many types (and asks for sentencepiece) for a bad tokenizer
         raise ModelLoadError(f"Cannot load the tokenizer of {name_or_path!r}: "
                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    placement = {"device_map": "auto"} if device == AUTO_DEVICE else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement)
     except Exception as err:  # a truncated or altered weights file surfaces as several unrelated types
         raise ModelLoadError(f"Cannot load the weights of {name_or_path!r} (a weights file is missing or "
                              f"corrupt): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
-    model.to(device).eval()
+    if device != AUTO_DEVICE:
+        model.to(device)
+    model.eval()
     return LoadedModel.from_hf(model, tokenizer, name=name_or_path)
 
 
@@ -261,12 +266,18 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise InvalidArgumentError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch device that exists on this machine; :class:`InvalidArgumentError` otherwise."""
+AUTO_DEVICE = "auto"
+
+
+def check_device(device: str | torch.device) -> torch.device | str:
+    """``device`` as a torch device that exists on this machine, or ``"auto"`` (accelerate places the
+    layers); :class:`InvalidArgumentError` otherwise."""
+    if device == AUTO_DEVICE:
+        return AUTO_DEVICE
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise InvalidArgumentError(f"Unknown device {device!r}; use cpu, cuda, cuda:N or mps.") from None
+        raise InvalidArgumentError(f"Unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError(f"Device {str(device)!r} asked for, but torch sees no CUDA GPU here; use --device cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -274,7 +285,7 @@ def check_device(device: str | torch.device) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InvalidArgumentError("Device 'mps' asked for, but MPS is not available here; use --device cpu.")
     if device.type not in ("cpu", "cuda", "mps"):
-        raise InvalidArgumentError(f"Unsupported device {str(device)!r}; use cpu, cuda, cuda:N or mps.")
+        raise InvalidArgumentError(f"Unsupported device {str(device)!r}; use cpu, cuda, cuda:N, mps or auto.")
     return device
 
 

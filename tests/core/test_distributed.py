@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import steer_experts.responses as responses_module
 from steer_experts.cli import main
 from steer_experts.concepts import ConceptRows
-from steer_experts.distributed import Team, TeamFailedError, spawn_team, team
+from steer_experts.distributed import Team, TeamFailedError, local_device, spawn_team, team
 from steer_experts.errors import InvalidArgumentError
 from steer_experts.expertise import Expertise, _column_source, _Plan, _evaluation_sets, _score_range, compute_expertise
 from steer_experts.models import CACHE_ENV
@@ -208,3 +208,19 @@ def test_workers_share_the_threads_and_fail_before_starting(concepts_file, tmp_p
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert main(["discover", "--concepts", str(concepts_file), "--out", str(tmp_path / "taken"), "--workers", "2"]) == 2
     assert len(started) == 2 and "Refusing to write" in capsys.readouterr().err
+
+
+def test_each_process_of_a_team_gets_its_own_device(monkeypatch):
+    """Under torchrun, a plain "cuda" is the process's own GPU; "auto" (one model spread over every GPU)
+    cannot be shared and is refused."""
+
+    assert [local_device(d) for d in ("cuda", "auto", "cpu")] == ["cuda", "auto", "cpu"]  # one process
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert [local_device(d) for d in ("cuda", "cuda:0", "cpu")] == ["cuda:3", "cuda:0", "cpu"]
+    assert local_device("cuda", processes=1) == "cuda"
+    with pytest.raises(InvalidArgumentError, match="--device auto spreads one model over every GPU"):
+        local_device("auto")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(InvalidArgumentError, match="--device auto spreads one model over every GPU"):
+        local_device("auto", processes=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -109,6 +110,27 @@ def test_local_folder_roundtrip(tiny_model, tmp_path):
     tiny_model.tokenizer.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
     assert loaded.fingerprint == tiny_model.fingerprint
+
+
+def test_auto_device_lets_accelerate_place_the_layers(tiny_model, tmp_path, monkeypatch):
+    """--device auto: loaded with device_map="auto" (without GPUs every layer lands on the CPU, so the
+    multi-device dispatch itself is untested here), it collects the same responses as the model saved."""
+    from steer_experts import models
+    from steer_experts.responses import collect_responses
+
+    tiny_model.model.save_pretrained(tmp_path / "model")
+    tiny_model.tokenizer.save_pretrained(tmp_path / "model")
+    placements = []
+    real = models.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: placements.append(kw.get("device_map")) or real(*a, **kw))
+    loaded = load_model(str(tmp_path / "model"), device="auto")
+    assert placements == ["auto"]
+    assert loaded.device == torch.device("cpu") and loaded.fingerprint == tiny_model.fingerprint
+    sentences = ["The cat sat on the mat.", "A football match."]
+    want = collect_responses(tiny_model, sentences, cache_dir=tmp_path / "cache", progress=False).to_numpy()
+    got = collect_responses(loaded, sentences, cache_dir=tmp_path / "cache", progress=False).to_numpy()
+    assert np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("name", ["no-such-model", "someone/some-model"])

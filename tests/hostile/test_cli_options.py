@@ -54,6 +54,7 @@ CASES = {
     "discover --dtype float33": (DISCOVER + ["--dtype", "float33"], "discover", "argument --dtype: invalid choice: 'float33'"),
     "discover --pooling median": (DISCOVER + ["--pooling", "median"], "discover", "argument --pooling: invalid choice: 'median'"),
     "discover --device banana": (DISCOVER + ["--device", "banana"], "discover", "Unknown device 'banana'"),
+    "discover --device auto --workers 2": (DISCOVER + ["--device", "auto", "--workers", "2"], "discover", "--device auto spreads one model over every GPU, so several processes"),
     "discover --out empty": (["discover", "--concepts", "c.jsonl", "--out", ""], "discover", "argument --out: must not be empty"),
     "discover --out is a file": (["discover", "--concepts", "c.jsonl", "--out", "c.jsonl"], "discover", "c.jsonl: it is a file, not a folder"),
     "discover --out below a file": (["discover", "--concepts", "c.jsonl", "--out", "c.jsonl/sub"], "discover", "c.jsonl is a file, not a folder"),
