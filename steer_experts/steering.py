@@ -48,6 +48,7 @@ model card.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import math
@@ -364,6 +365,16 @@ def steer(
 # ---------------------------------------------------------------------------- the steered model
 
 STEERING_METHODS: dict[str, type["SteeredModel"]] = {}
+# The methods defined in later modules (they import this one), by the name they save under: loading a save
+# imports its module, so that it registers, in a process that never imported it.
+_METHOD_MODULES = {"diffmean": "steer_experts.diffmean", "prompt": "steer_experts.prompting"}
+
+
+def _steering_method(name: str) -> type["SteeredModel"] | None:
+    """The class that saves as ``name``, or None when no method does."""
+    if name not in STEERING_METHODS and name in _METHOD_MODULES:
+        importlib.import_module(_METHOD_MODULES[name])
+    return STEERING_METHODS.get(name)
 
 
 class SteeredModel:
@@ -457,7 +468,7 @@ class SteeredModel:
         inputs = self.model_inputs(prompts)
         sampling = {"do_sample": do_sample}
         if do_sample:
-            # transformers reads None as "use the generation config" (top_k 50): pass explicit no-ops.
+            # settings left out fall back to the generation config (top_k 50, a model's top_p): pass no-ops.
             sampling.update(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
         tokenizer = self.base.tokenizer
         texts = []
@@ -537,9 +548,10 @@ class SteeredModel:
             config = json.loads((folder / CONFIG_NAME).read_text())
             if config.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {config.get('format_version')!r}, expected {FORMAT_VERSION}")
-            method = STEERING_METHODS.get(config.get("method", "experts"))
+            method = _steering_method(config.get("method", "experts"))
             if method is None:
-                raise ValueError(f"unknown steering method {config.get('method')!r}; known: {sorted(STEERING_METHODS)}")
+                raise ValueError(f"unknown steering method {config.get('method')!r}; "
+                                 f"known: {sorted({*STEERING_METHODS, *_METHOD_MODULES})}")
             base = config["base_model"]
             arrays = load_verified(folder / WEIGHTS_NAME, config, what="steered model")
         except (OSError, KeyError, TypeError, ValueError, SafetensorError) as err:
@@ -645,5 +657,3 @@ def _check_plan(plan: SteeringPlan, sites: Sequence[UnitSite]) -> None:
         raise ValueError("plan names a neuron outside its layer")
     if len(plan) and (plan.concept.min() < 0 or plan.concept.max() >= len(plan.concepts)):
         raise ValueError("plan names a concept index outside the concept list")
-    if not (np.isfinite(plan.weight).all() and np.isfinite(plan.target).all()):
-        raise ValueError("plan holds non-finite weights or targets")

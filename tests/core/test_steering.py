@@ -562,3 +562,65 @@ def test_unmoved_experts_through_pyvene_are_the_plain_model(tiny_llama):
     plain = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True,
                                       pad_token_id=tiny_llama.tokenizer.pad_token_id)
     assert torch.equal(steered.generate(ids, seed=4, max_new_tokens=5, do_sample=True), plain)
+
+
+def test_complete_hands_generate_the_left_padded_batch_and_decodes_only_new_tokens(tiny_llama, monkeypatch, capsys):
+    """What complete() passes to generate() for each batch: the prompts left-padded with their mask, the
+    positions, seed + b, and exactly the sampling settings asked for (explicit no-ops for None top_k / top_p);
+    what it returns: the tokens after the prompt, special tokens dropped. A bar shows from 2 batches on.
+    (The behaviour of generate() itself is checked against plain hooks above; random tiny models are too
+    flat for a padding or temperature slip to change their few greedy tokens.)"""
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=4)
+    tok = tiny_llama.tokenizer
+    new = tok(" sunny and warm", add_special_tokens=False)["input_ids"]
+    calls = []
+
+    def spy(input_ids, attention_mask=None, **kwargs):
+        calls.append((input_ids, attention_mask, kwargs))
+        tail = torch.tensor([new + [tok.eos_token_id]] * len(input_ids))
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(steered, "generate", spy)
+    prompts = ["The weather today in the north of the country is", "Rain", "Snow falls"]
+    got = steered.complete(prompts, max_new_tokens=9, do_sample=True, temperature=0.3, seed=5, positions="generated",
+                           batch_size=2)
+    assert got == [" sunny and warm"] * 3
+    bar = capsys.readouterr().err
+    assert "generate: 100%" in bar and "2/2 [" in bar and "batch/s]" in bar, bar
+    first = tok(prompts[:2], return_tensors="pt", padding=True, padding_side="left")
+    (ids, mask, kw), (ids2, mask2, kw2) = calls
+    assert torch.equal(ids, first["input_ids"]) and torch.equal(mask, first["attention_mask"])
+    assert mask[1, 0] == 0 and ids[1, 0] == tok.pad_token_id  # "Rain" is padded on the left
+    assert torch.equal(ids2, tok(prompts[2:], return_tensors="pt")["input_ids"]) and bool(mask2.all())
+    assert kw == dict(positions="generated", seed=5, max_new_tokens=9, do_sample=True, temperature=0.3, top_k=0,
+                      top_p=1.0)
+    assert kw2 == {**kw, "seed": 6}
+    calls.clear()
+    steered.complete("Rain", top_k=7, top_p=0.8, do_sample=True)
+    assert calls[0][2] == dict(positions=None, seed=0, max_new_tokens=40, do_sample=True, temperature=1.0, top_k=7,
+                               top_p=0.8)
+    calls.clear()
+    steered.complete(["Rain", "Snow"], temperature=0.3, top_k=7)  # greedy: no sampling settings at all
+    assert calls[0][2] == dict(positions=None, seed=0, max_new_tokens=40, do_sample=False)
+    assert capsys.readouterr().err == ""  # one batch: no bar
+
+
+@pytest.mark.parametrize("method", ["diffmean", "prompt"])
+def test_a_saved_method_loads_in_a_process_that_never_imported_it(tiny_llama, tmp_path, monkeypatch, method):
+    """SteeredModel.from_pretrained of a DiffMean or prompting save, as a fresh process sees it: their modules
+    not yet imported, so their classes not yet registered (it once failed: unknown steering method)."""
+    from steer_experts import steering
+    from steer_experts.diffmean import residual_means, steer_diffmean
+    from steer_experts.prompting import steer_prompt
+
+    from .test_diffmean import CONCEPT
+
+    steered = steer_diffmean(tiny_llama, residual_means(tiny_llama, CONCEPT, progress=False), 1, 3.0) \
+        if method == "diffmean" else steer_prompt(tiny_llama, "football")
+    folder = steered.save_pretrained(tmp_path / method)
+    module = steering._METHOD_MODULES[method]
+    monkeypatch.delitem(steering.STEERING_METHODS, method)
+    monkeypatch.delitem(sys.modules, module)
+    reloaded = SteeredModel.from_pretrained(folder, tiny_llama)
+    assert reloaded.method == method and type(reloaded).__module__ == module
+    assert reloaded.complete("Hello there", max_new_tokens=6) == steered.complete("Hello there", max_new_tokens=6)

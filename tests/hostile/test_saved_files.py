@@ -350,3 +350,87 @@ def test_saving_a_steered_model_again_gives_the_same_files(steered, tmp_path):
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("s/pyvene/")} == first
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["README.md", "pyvene", "steering.json",
                                                                    "steering.safetensors"]
+
+
+# Each way a steered save can be broken, and the whole message it is refused with: the message is what a user
+# reads to repair it, so a test that matched only a fragment would let its wording and its facts drift.
+RECREATE = ". Re-create it with SteeredModel.save_pretrained."
+BROKEN_STEERED = {
+    "format version": (set_key("format_version", 99), None,
+                       "(ValueError: format_version 99, expected 2)"),
+    "unknown method": (set_key("method", "magic"), None,
+                       "(ValueError: unknown steering method 'magic'; known: ['diffmean', 'experts', 'prompt'])"),
+    "layer without a site": (lambda c: c["sites"].pop(), None, "(ValueError: plan names a layer that has no site)"),
+    "negative neuron": (None, scale("neuron", value=-1, index=0), "(ValueError: plan names a neuron outside its layer)"),
+    "neuron at the width": (None, lambda a: a["neuron"].__setitem__(-1, 48),
+                            "(ValueError: plan names a neuron outside its layer)"),
+    "concept past the list": (lambda c: c["spec"].update(k=None), scale("concept", value=1, index=0),
+                              "(ValueError: plan names a concept index outside the concept list)"),
+    "arrays of two lengths": (None, lambda a: a.update(bound=a["bound"][:-1]),
+                              "(ValueError: plan arrays have different lengths [9, 10])"),
+    "AP above 1": (None, scale("ap", value=2.0, index=0),
+                   "(the plan: ap has values outside [0, 1] or non-finite ones.)"),
+    "no spec": (lambda c: c.pop("spec"), None, "(KeyError: 'spec')"),
+    "sites the model lacks": (lambda c: c["sites"].extend({**c["sites"][0], "layer": i} for i in (5, 6, 7, 8)), None,
+                              "(ValueError: sites [" + ", ".join(
+                                  f"UnitSite(layer={i}, module_path='model.layers.0.mlp.down_proj', width=48, "
+                                  "port='input')" for i in (5, 6, 7)) + "] do not exist in 'tiny-llama')"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_STEERED))
+def test_broken_steered_model_is_refused_with_the_whole_story(tiny, saved_steered, tmp_path, case):
+    edit_config, edit_arrays, why = BROKEN_STEERED[case]
+    folder = tmp_path / "s"
+    shutil.copytree(saved_steered, folder)
+    restamp(folder, "steering.json", "steering.safetensors", edit_config, edit_arrays)
+    with pytest.raises(CorruptFileError) as refused:
+        SteeredModel.from_pretrained(folder, tiny)
+    assert str(refused.value) == f"{folder} is not a valid steered model {why}{RECREATE}"
+
+
+def test_unreadable_steered_files_are_refused_with_the_whole_story(tiny, saved_steered, other_steered, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(saved_steered, folder)
+    (folder / "steering.json").write_text((folder / "steering.json").read_text()[:50])
+    with pytest.raises(CorruptFileError) as refused:
+        SteeredModel.from_pretrained(folder, tiny)
+    message = str(refused.value)
+    assert message.startswith(f"{folder} is not a valid steered model (JSONDecodeError: ") and message.endswith(RECREATE)
+
+    shutil.copy(other_steered / "steering.json", folder / "steering.json")
+    with pytest.raises(CorruptFileError) as refused:
+        SteeredModel.from_pretrained(folder, tiny)
+    assert str(refused.value).startswith(f"{folder} is not a valid steered model (CorruptFileError: {folder} is not a "
+                                         "valid steered model: steering.safetensors and its JSON come from different saves")
+
+    (folder / "steering.safetensors").unlink()
+    with pytest.raises(SavedFolderNotFoundError) as refused:
+        SteeredModel.from_pretrained(folder, tiny)
+    assert str(refused.value) == f"{folder} is not a saved steered model: missing ['steering.safetensors']."
+
+
+def test_a_save_without_a_method_is_an_expert_steering_and_loads_as_saved(tiny, steered, saved_steered, tmp_path):
+    """Saves from before steering methods had names hold no "method": they are expert steering. Loading gives
+    back the same plan, counts of contested units included."""
+    from steer_experts.steering import ExpertSteeredModel
+
+    folder = tmp_path / "s"
+    shutil.copytree(saved_steered, folder)
+    restamp(folder, "steering.json", "steering.safetensors", lambda c: (c.pop("method"), c.update(contested_units=3)))
+    loaded = SteeredModel.from_pretrained(folder, tiny)
+    assert type(loaded) is ExpertSteeredModel and loaded.plan.contested == 3
+    assert {k: v for k, v in loaded.config().items() if k != "contested_units"} == \
+        {k: v for k, v in steered.config().items() if k != "contested_units"}
+    neuron_zero = tmp_path / "zero"
+    shutil.copytree(saved_steered, neuron_zero)
+    restamp(neuron_zero, "steering.json", "steering.safetensors", edit_arrays=scale("neuron", value=0, index=0))
+    assert SteeredModel.from_pretrained(neuron_zero, tiny).plan.neuron[0] == 0  # the first neuron of a layer is valid
+
+
+def test_steered_model_of_another_model_says_whose_it_is(tiny, saved_steered):
+    with pytest.raises(ModelMismatchError) as refused:
+        SteeredModel.from_pretrained(saved_steered, LoadedModel(tiny.model, tiny.tokenizer, "impostor", "1" * 32))
+    assert str(refused.value) == (
+        f"This steered model was saved for 'tiny-llama' (fingerprint {tiny.fingerprint[:12]}), but the model given is "
+        "'impostor' (fingerprint 111111111111). Load the base model it was made with.")
