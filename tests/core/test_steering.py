@@ -624,3 +624,33 @@ def test_a_saved_method_loads_in_a_process_that_never_imported_it(tiny_llama, tm
     reloaded = SteeredModel.from_pretrained(folder, tiny_llama)
     assert reloaded.method == method and type(reloaded).__module__ == module
     assert reloaded.complete("Hello there", max_new_tokens=6) == steered.complete("Hello there", max_new_tokens=6)
+
+
+def test_saved_json_summarises_each_concept_and_pyvene_moves_in_from_beside_it(tiny_llama, tmp_path, monkeypatch):
+    """steering.json: the library's name and, per concept, its units' count, AP statistics, weight and target
+    ranges and units per layer (recomputed here from the plan). pyvene's files are written in a hidden folder
+    inside the save and moved into place (one rename on one file system), so a killed save leaves no half."""
+    from steer_experts import steering
+
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), {"football": 1.0, "woman": -1.0}, k=15)
+    plan = steered.plan
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(steering.os, "replace", lambda src, dst: moves.append((Path(src), Path(dst))) or
+                        real_replace(src, dst))
+    folder = steered.save_pretrained(tmp_path / "s")
+    config = json.loads((folder / "steering.json").read_text())
+    assert config["library"] == "steer_experts" and config["method"] == "experts"
+    want = []
+    for c, name in enumerate(plan.concepts):
+        mine = plan.concept == c
+        layers, counts = np.unique(plan.layer[mine], return_counts=True)
+        want.append({"concept": name, "units": int(mine.sum()), "ap_min": float(plan.ap[mine].min()),
+                     "ap_median": float(np.median(plan.ap[mine])), "ap_mean": float(plan.ap[mine].mean()),
+                     "ap_max": float(plan.ap[mine].max()), "weight_min": float(plan.weight[mine].min()),
+                     "weight_max": float(plan.weight[mine].max()), "target_min": float(plan.target[mine].min()),
+                     "target_max": float(plan.target[mine].max()),
+                     "layers": {str(int(layer)): int(n) for layer, n in zip(layers, counts)}})
+    assert config["experts"] == want and all(len(row["layers"]) for row in want)
+    (written, _), = [(src, dst) for src, dst in moves if dst == folder / "pyvene"]
+    assert written.parent == folder and written.name.startswith(".pyvene-") and written.name.endswith("-new")

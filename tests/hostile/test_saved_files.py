@@ -317,7 +317,8 @@ def test_steered_model_of_another_model(tiny, saved_steered):
 def test_saving_a_steered_model_into_a_model_folder_is_refused(steered, tiny_folder):
     """The reported data loss: pyvene's config.json replaced the model's, and the model no longer loaded."""
     before = tree(tiny_folder)
-    with pytest.raises(OutputFolderError, match="already holds files steer_experts did not write"):
+    with pytest.raises(OutputFolderError, match="^Refusing to write the steered model into .*: it already holds "
+                                                "files steer_experts did not write"):
         steered.save_pretrained(tiny_folder)
     assert tree(tiny_folder) == before
 
