@@ -654,3 +654,18 @@ def test_saved_json_summarises_each_concept_and_pyvene_moves_in_from_beside_it(t
     assert config["experts"] == want and all(len(row["layers"]) for row in want)
     (written, _), = [(src, dst) for src, dst in moves if dst == folder / "pyvene"]
     assert written.parent == folder and written.name.startswith(".pyvene-") and written.name.endswith("-new")
+
+
+def test_a_save_of_another_unit_kind_loads_with_its_own_sites(tiny_llama, tmp_path, monkeypatch):
+    """A registered unit kind is saved by name, and loading locates that kind's sites, not the MLP's (here
+    the kind has one more site than the MLP, so checking against the MLP's sites would refuse the save)."""
+    from dataclasses import replace
+
+    from steer_experts import units
+
+    extra = replace(locate_units(tiny_llama.model)[0], layer=9)
+    monkeypatch.setitem(units.UNIT_KINDS, "mlp-and-more", lambda model: units.locate_mlp_neurons(model) + [extra])
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=6)
+    steered.unit_kind, steered.sites = "mlp-and-more", [*steered.sites, extra]
+    reloaded = SteeredModel.from_pretrained(steered.save_pretrained(tmp_path / "s"), tiny_llama)
+    assert reloaded.unit_kind == "mlp-and-more" and reloaded.sites == steered.sites
