@@ -669,3 +669,21 @@ def test_a_save_of_another_unit_kind_loads_with_its_own_sites(tiny_llama, tmp_pa
     steered.unit_kind, steered.sites = "mlp-and-more", [*steered.sites, extra]
     reloaded = SteeredModel.from_pretrained(steered.save_pretrained(tmp_path / "s"), tiny_llama)
     assert reloaded.unit_kind == "mlp-and-more" and reloaded.sites == steered.sites
+
+
+def test_generate_seeds_with_0_by_default_and_checks_its_positions(tiny_llama):
+    """generate(): seed 0 unless given; an unknown positions value refused with the choices; use_cache=False
+    refused only where positions other than "all" need the cache, and fine with "all"."""
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=8)
+    ids = prompt_ids(tiny_llama)
+    sample = dict(max_new_tokens=12, do_sample=True)
+    assert torch.equal(steered.generate(ids, **sample), steered.generate(ids, seed=0, **sample))
+    assert not torch.equal(steered.generate(ids, **sample), steered.generate(ids, seed=1, **sample))
+    with pytest.raises(ValueError) as refused:
+        steered.generate(ids, positions="everywhere")
+    assert str(refused.value) == "Unknown positions 'everywhere'; choose one of ('all', 'prompt', 'generated')."
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(steered.generate(ids, positions="all", use_cache=False, **greedy),
+                       steered.generate(ids, positions="all", **greedy))
+    with pytest.raises(ValueError, match="positions='prompt' needs the KV cache"):
+        steered.generate(ids, positions="prompt", use_cache=False, **greedy)
