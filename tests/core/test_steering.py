@@ -685,5 +685,31 @@ def test_generate_seeds_with_0_by_default_and_checks_its_positions(tiny_llama):
     greedy = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(steered.generate(ids, positions="all", use_cache=False, **greedy),
                        steered.generate(ids, positions="all", **greedy))
-    with pytest.raises(ValueError, match="positions='prompt' needs the KV cache"):
+    with pytest.raises(ValueError) as refused:
         steered.generate(ids, positions="prompt", use_cache=False, **greedy)
+    assert str(refused.value) == ("positions='prompt' needs the KV cache (each step then sees one new token); "
+                                  "drop use_cache=False or use positions='all'.")
+
+
+def test_generate_hands_pyvene_the_tokenizers_pad_token(tiny_llama, monkeypatch):
+    """A row that ends early is padded with the tokenizer's pad token, not with transformers' guess (its EOS)."""
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=8)
+    seen = []
+    monkeypatch.setattr(steered.intervenable, "generate", lambda base, **kw: seen.append(kw) or (None, base["input_ids"]))
+    steered.generate(prompt_ids(tiny_llama), max_new_tokens=3)
+    assert seen[0]["pad_token_id"] == tiny_llama.tokenizer.pad_token_id is not None
+    steered.generate(prompt_ids(tiny_llama), max_new_tokens=3, pad_token_id=7)
+    assert seen[1]["pad_token_id"] == 7
+
+
+def test_add_mode_shifts_toward_or_away_by_the_strength(tiny_llama):
+    """mode "add": each unit's target is its shift, signed by the concept's direction; its weight is
+    alpha x |strength| (toward: mode="add"; away: suppress="add")."""
+    experts = synthetic_experts(tiny_llama)
+    shifts = np.random.default_rng(0).normal(size=experts.n_units)
+    units = experts.select("football", k=10).units
+    for strength, sign in ((2.0, 1.0), (-2.0, -1.0)):
+        plan = steer(tiny_llama, experts, {"football": strength}, k=10, alpha=1.5, mode="add", suppress="add",
+                     shifts=shifts).plan
+        assert np.array_equal(plan.weight, np.full(10, 3.0, np.float32))
+        assert np.array_equal(np.sort(plan.target), np.sort((sign * shifts[units]).astype(np.float32)))
