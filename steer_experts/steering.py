@@ -224,7 +224,7 @@ def checked_spec(spec: SteeringSpec) -> SteeringSpec:
         raise ValueError(f"layers must be a non-empty list of layer indices; got {spec.layers!r}.")
     return replace(spec, concepts={n: float(s) for n, s in spec.concepts.items()}, alpha=float(spec.alpha),
                    layers=None if spec.layers is None else sorted({int(x) for x in spec.layers}),
-                   k=_plain_int(spec.k), per_layer=_plain_int(spec.per_layer),
+                   k=_plain_int(spec.k), per_layer=_plain_int(spec.per_layer), seed=_plain_int(spec.seed),
                    tau=float(spec.tau) if _finite_real(spec.tau) else spec.tau)
 
 

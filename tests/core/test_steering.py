@@ -713,3 +713,41 @@ def test_add_mode_shifts_toward_or_away_by_the_strength(tiny_llama):
                      shifts=shifts).plan
         assert np.array_equal(plan.weight, np.full(10, 3.0, np.float32))
         assert np.array_equal(np.sort(plan.target), np.sort((sign * shifts[units]).astype(np.float32)))
+
+
+@pytest.mark.parametrize("mode, strength, bound", [("set", 1.0, 0.0), ("ablate", -1.0, 0.0), ("dampen", -1.0, 0.0),
+                                                   ("clamp", 1.0, 1.0), ("clamp", -1.0, -1.0), ("add", 1.0, 2.0),
+                                                   ("add", -1.0, 2.0)])
+def test_every_mode_plans_float32_rows_with_its_bound(tiny_llama, mode, strength, bound):
+    """The plan's weight, target and bound are float32 in every mode (what is saved and moved to the model's
+    dtype), and the bound says how each unit moves: 0 set, +1/-1 clamp up/down, 2 shift."""
+    experts = synthetic_experts(tiny_llama)
+    shifts = np.random.default_rng(0).normal(size=experts.n_units)
+    plan = steer(tiny_llama, experts, {"football": strength}, k=10, mode="set" if strength < 0 else mode,
+                 suppress=mode if strength < 0 else "dampen", shifts=shifts if mode == "add" else None).plan
+    assert [getattr(plan, key).dtype for key in ("weight", "target", "bound")] == [np.float32] * 3
+    assert np.array_equal(plan.bound, np.full(10, bound, np.float32))
+
+
+def test_integer_settings_of_any_integer_type_are_saved_as_plain_ints(tiny_llama, tmp_path):
+    """numpy integers (as from an array of k's) are accepted and kept as Python ints, so the spec saves as
+    JSON (a numpy seed once made save_pretrained fail)."""
+    steered = steer(tiny_llama, synthetic_experts(tiny_llama), "football", k=np.int64(6), seed=np.int32(3))
+    assert type(steered.spec.k) is int and steered.spec.k == 6 and type(steered.spec.seed) is int
+    saved = json.loads((steered.save_pretrained(tmp_path / "s") / "steering.json").read_text())["spec"]
+    assert (saved["k"], saved["seed"]) == (6, 3)
+
+
+def test_scores_go_with_rank_by_scores_and_one_concept(tiny_llama):
+    from dataclasses import replace
+
+    from steer_experts.steering import plan_steering
+
+    experts = synthetic_experts(tiny_llama)
+    spec = steer(tiny_llama, experts, {"football": 1.0, "woman": 1.0}, k=4).spec
+    with pytest.raises(ValueError) as refused:
+        plan_steering(experts, spec, scores=np.zeros(experts.n_units))
+    assert str(refused.value) == "Pass scores exactly when spec.rank == 'scores'."
+    with pytest.raises(ValueError) as refused:
+        plan_steering(experts, replace(spec, rank="scores"), scores=np.zeros(experts.n_units))
+    assert str(refused.value) == "scores rank the units of one concept; steer one concept at a time with them."
