@@ -626,11 +626,13 @@ def test_a_saved_method_loads_in_a_process_that_never_imported_it(tiny_llama, tm
     assert reloaded.complete("Hello there", max_new_tokens=6) == steered.complete("Hello there", max_new_tokens=6)
 
 
-def test_saved_json_summarises_each_concept_and_pyvene_moves_in_from_beside_it(tiny_llama, tmp_path, monkeypatch):
+def test_saved_json_summarises_each_concept_and_pyvene_moves_in_from_beside_it(tiny_llama, tmp_path, monkeypatch,
+                                                                             capsys):
     """steering.json: the library's name and, per concept, its units' count, AP statistics, weight and target
     ranges and units per layer (recomputed here from the plan). pyvene's files are written in a hidden folder
     inside the save and moved into place (one rename on one file system), so a killed save leaves no half."""
     from steer_experts import steering
+    from steer_experts.prompting import steer_prompt
 
     steered = steer(tiny_llama, synthetic_experts(tiny_llama), {"football": 1.0, "woman": -1.0}, k=15)
     plan = steered.plan
@@ -639,7 +641,10 @@ def test_saved_json_summarises_each_concept_and_pyvene_moves_in_from_beside_it(t
     monkeypatch.setattr(steering.os, "replace", lambda src, dst: moves.append((Path(src), Path(dst))) or
                         real_replace(src, dst))
     folder = steered.save_pretrained(tmp_path / "s")
-    config = json.loads((folder / "steering.json").read_text())
+    assert capsys.readouterr().out == ""  # pyvene's "Directory ... exists" is not the user's business
+    text = (folder / "steering.json").read_text()
+    config = json.loads(text)
+    assert text == json.dumps(config, indent=1)  # readable, and the same bytes for the same save
     assert config["library"] == "steer_experts" and config["method"] == "experts"
     want = []
     for c, name in enumerate(plan.concepts):
@@ -654,6 +659,8 @@ def test_saved_json_summarises_each_concept_and_pyvene_moves_in_from_beside_it(t
     assert config["experts"] == want and all(len(row["layers"]) for row in want)
     (written, _), = [(src, dst) for src, dst in moves if dst == folder / "pyvene"]
     assert written.parent == folder and written.name.startswith(".pyvene-") and written.name.endswith("-new")
+    steer_prompt(tiny_llama, "football").save_pretrained(folder, overwrite=True)  # a method without interventions
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "steering.json", "steering.safetensors"]
 
 
 def test_a_save_of_another_unit_kind_loads_with_its_own_sites(tiny_llama, tmp_path, monkeypatch):
