@@ -85,6 +85,7 @@ class ModelLoadError(SteerExpertsError, ValueError):
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+AUTO_DEVICE = "auto"  # load_model(device=...): accelerate's device_map="auto" places the layers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
@@ -264,9 +265,6 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return getattr(torch, dtype.removeprefix("torch."))
     raise InvalidArgumentError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-
-
-AUTO_DEVICE = "auto"
 
 
 def check_device(device: str | torch.device) -> torch.device | str:
