@@ -213,7 +213,6 @@ def test_workers_share_the_threads_and_fail_before_starting(concepts_file, tmp_p
 def test_each_process_of_a_team_gets_its_own_device(monkeypatch):
     """Under torchrun, a plain "cuda" is the process's own GPU; "auto" (one model spread over every GPU)
     cannot be shared and is refused."""
-
     assert [local_device(d) for d in ("cuda", "auto", "cpu")] == ["cuda", "auto", "cpu"]  # one process
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")

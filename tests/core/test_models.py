@@ -127,10 +127,11 @@ def test_auto_device_lets_accelerate_place_the_layers(tiny_model, tmp_path, monk
     loaded = load_model(str(tmp_path / "model"), device="auto")
     assert placements == ["auto"]
     assert loaded.device == torch.device("cpu") and loaded.fingerprint == tiny_model.fingerprint
-    sentences = ["The cat sat on the mat.", "A football match."]
-    want = collect_responses(tiny_model, sentences, cache_dir=tmp_path / "cache", progress=False).to_numpy()
-    got = collect_responses(loaded, sentences, cache_dir=tmp_path / "cache", progress=False).to_numpy()
-    assert np.array_equal(got, want)
+    sentences = ["The cat sat on the mat.", "A football match.", "Rain all day long in the hills."]
+    # Separate caches: the two share a fingerprint, so one cache would hand the first run's responses back.
+    want = collect_responses(tiny_model, sentences, cache_dir=tmp_path / "plain", progress=False).to_numpy()
+    got = collect_responses(loaded, sentences, cache_dir=tmp_path / "auto", progress=False).to_numpy()
+    assert np.array_equal(got, want) and np.abs(want).max() > 0
 
 
 @pytest.mark.parametrize("name", ["no-such-model", "someone/some-model"])

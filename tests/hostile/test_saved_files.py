@@ -126,7 +126,6 @@ EXPERT_CASES = {
     "content hash edited": "content hash mismatch",
     "metadata edited": "its JSON changed after it was saved",
     "format version 1": "format_version 1, expected 2",
-    "AP above 1": "ap has values outside",
     "AUROC below 0": "auroc has values outside",
     "AP is NaN": "ap has values outside",
     "on_p50 is infinite": "on_p50 holds non-finite",
@@ -260,8 +259,6 @@ def damage_steered(folder, other, case):
         config.write_text(config.read_text()[:50])
     elif case == "alpha edited":
         c = json.loads(config.read_text()); c["spec"]["alpha"] = 5.0; config.write_text(json.dumps(c))
-    elif case == "AP above 1":
-        restamp(folder, "steering.json", "steering.safetensors", edit_arrays=scale("ap", value=2.0, index=0))
     elif case == "spec k below the units":
         restamp(folder, "steering.json", "steering.safetensors", lambda c: c["spec"].__setitem__("k", 3))
     elif case == "spec of another concept":
@@ -271,8 +268,6 @@ def damage_steered(folder, other, case):
                 lambda c: c["spec"].update(k=None, tau=0.99))
     elif case == "NaN weight":
         restamp(folder, "steering.json", "steering.safetensors", edit_arrays=scale("weight", value=np.nan, index=0))
-    elif case == "neuron beyond its layer":
-        restamp(folder, "steering.json", "steering.safetensors", edit_arrays=scale("neuron", value=10_000, index=0))
     else:
         raise AssertionError(case)
 
@@ -284,12 +279,10 @@ STEERED_CASES = {
     "stamp removed": "no integrity stamp",
     "truncated JSON": "JSONDecodeError",
     "alpha edited": "its JSON changed after it was saved",
-    "AP above 1": "ap has values outside",
     "spec k below the units": "spec asks for k=3",
     "spec of another concept": "are not the spec's",
     "spec tau above the units' AP": "AP <= tau=0.99",
     "NaN weight": "weight holds non-finite",
-    "neuron beyond its layer": "neuron outside its layer",
 }
 
 
@@ -307,11 +300,6 @@ def test_damaged_steered_model_is_refused(tiny, saved_steered, other_steered, tm
     with pytest.raises(CorruptFileError, match=STEERED_CASES[case]):
         SteeredModel.from_pretrained(folder, tiny)
     assert tree(tmp_path) == before
-
-
-def test_steered_model_of_another_model(tiny, saved_steered):
-    with pytest.raises(ModelMismatchError, match="model given is 'impostor'"):
-        SteeredModel.from_pretrained(saved_steered, LoadedModel(tiny.model, tiny.tokenizer, "impostor", "1" * 32))
 
 
 def test_saving_a_steered_model_into_a_model_folder_is_refused(steered, tiny_folder):
