@@ -180,8 +180,8 @@ def _unit_rule(selection, mode: str, value: str | None, scale: float, toward: bo
         return (np.full(n, scale, np.float32), (sign * shifts[selection.units]).astype(np.float32),
                 np.full(n, SHIFT, np.float32))
     if mode == "dampen":
-        gini = 2.0 * (selection.auroc.astype(np.float64) - 0.5)
-        weight = np.where(selection.auroc > 0.5, scale * gini, 0.0)
+        # Units that do not detect the concept (AUROC <= 0.5) are left alone.
+        weight = scale * np.maximum(2.0 * (selection.auroc.astype(np.float64) - 0.5), 0.0)
         return weight.astype(np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
     bound = {"clamp": 1.0 if toward else -1.0}.get(mode, 0.0)
     return np.full(n, scale, np.float32), selection.values(value), np.full(n, bound, np.float32)
@@ -420,7 +420,7 @@ class SteeredModel:
         if not self.intervenable.interventions:  # pyvene then returns (output, None), not (None, output)
             return self.base.model(**model_inputs)
         with pyvene_call(self.base.model):
-            _, output = self.intervenable(model_inputs, unit_locations=None)
+            _, output = self.intervenable(model_inputs)
         return output
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -758,3 +758,41 @@ def test_scores_go_with_rank_by_scores_and_one_concept(tiny_llama):
     with pytest.raises(ValueError) as refused:
         plan_steering(experts, replace(spec, rank="scores"), scores=np.zeros(experts.n_units))
     assert str(refused.value) == "scores rank the units of one concept; steer one concept at a time with them."
+
+
+@pytest.mark.parametrize("selection", [dict(per_layer=3), dict(k=6, control="random", seed=3),
+                                       dict(k=6, control="lowest"), dict(k=4, layers=[1])])
+def test_steering_moves_exactly_the_units_the_expert_set_selects(tiny_llama, selection):
+    """Every selection setting of steer() reaches ExpertSet.select: the plan holds its units, which differ
+    from the default top k."""
+    experts = synthetic_experts(tiny_llama)
+    plan = steer(tiny_llama, experts, "football", **selection).plan
+    chosen = experts.select("football", **selection)
+    assert sorted(zip(plan.layer.tolist(), plan.neuron.tolist())) == sorted(
+        zip(chosen.layer.tolist(), chosen.neuron.tolist()))
+    top = experts.select("football", k=len(chosen))
+    assert set(chosen.units.tolist()) != set(top.units.tolist())
+
+
+def test_shifts_go_with_the_add_modes_and_only_with_them(tiny_llama):
+    """Shifts are required by mode="add" toward a concept and suppress="add" away from one, refused
+    otherwise, and must be one finite number per unit for one concept; each refusal says so whole."""
+    experts = synthetic_experts(tiny_llama)
+    n = experts.n_units
+    shifts = np.ones(n)
+    wrong_use = ("mode='add' (and suppress='add') takes shifts (one per unit, e.g. diffmean.unit_shifts), "
+                 "and only it does.")
+    for concepts, settings in (("football", dict(mode="add")), ({"football": -0.5}, dict(suppress="add")),
+                               ("football", dict(shifts=shifts)), ({"football": -1.0}, dict(shifts=shifts))):
+        with pytest.raises(ValueError) as refused:
+            steer(tiny_llama, experts, concepts, k=4, **settings)
+        assert str(refused.value) == wrong_use, settings
+    # suppress="add" matters only for a concept pushed away
+    assert len(steer(tiny_llama, experts, {"football": 0.5}, k=4, suppress="add").plan) == 4
+    for bad, concepts in ((shifts[:-1], "football"), (np.full(n, np.nan), "football"),
+                          (shifts, {"football": 1.0, "woman": 1.0})):
+        with pytest.raises(ValueError) as refused:
+            steer(tiny_llama, experts, concepts, k=4, mode="add", shifts=bad)
+        n_concepts = 1 if isinstance(concepts, str) else 2
+        assert str(refused.value) == (f"shifts must be {n} finite numbers, one per unit, for one concept; "
+                                      f"got shape {bad.shape} for {n_concepts} concept(s).")
