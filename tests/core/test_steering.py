@@ -796,3 +796,24 @@ def test_shifts_go_with_the_add_modes_and_only_with_them(tiny_llama):
         n_concepts = 1 if isinstance(concepts, str) else 2
         assert str(refused.value) == (f"shifts must be {n} finite numbers, one per unit, for one concept; "
                                       f"got shape {bad.shape} for {n_concepts} concept(s).")
+
+
+def test_each_direction_takes_its_own_default_value(tiny_llama):
+    """Clamp toward a concept lifts to its positives' median, clamp away caps at the negatives' mean, and a
+    ``value`` asked for applies to the toward mode only."""
+    experts = synthetic_experts(tiny_llama)
+    units = experts.select("football", k=6).units
+    c = experts.concepts.index("football")
+
+    def targets(strength, **settings):
+        plan = steer(tiny_llama, experts, {"football": strength}, k=6, **settings).plan
+        return np.sort(plan.target)
+
+    def stat(name):
+        return np.sort(getattr(experts.expertise, name)[c, units].astype(np.float32))
+
+    assert np.array_equal(targets(1.0, mode="clamp"), stat("on_p50"))
+    assert np.array_equal(targets(-1.0, suppress="clamp"), stat("off_mean"))
+    assert np.array_equal(targets(1.0, mode="clamp", value="on_p90"), stat("on_p90"))
+    assert np.array_equal(targets(-1.0, mode="clamp", value="on_p90", suppress="clamp"), stat("off_mean"))
+    assert np.array_equal(targets(-1.0, mode="set", value="on_p90", suppress="ablate"), np.zeros(6, np.float32))
