@@ -817,3 +817,68 @@ def test_each_direction_takes_its_own_default_value(tiny_llama):
     assert np.array_equal(targets(1.0, mode="clamp", value="on_p90"), stat("on_p90"))
     assert np.array_equal(targets(-1.0, mode="clamp", value="on_p90", suppress="clamp"), stat("off_mean"))
     assert np.array_equal(targets(-1.0, mode="set", value="on_p90", suppress="ablate"), np.zeros(6, np.float32))
+
+
+def _spec_refusal(**settings) -> str:
+    from steer_experts.steering import SteeringSpec, checked_spec
+
+    with pytest.raises(ValueError) as refused:
+        checked_spec(SteeringSpec(**{"concepts": {"football": 1.0}, "k": 4, **settings}))
+    return str(refused.value)
+
+
+def test_every_bad_setting_is_refused_with_the_whole_story():
+    from steer_experts.experts import VALUE_STATS
+
+    none_allowed = "none (dampen derives each factor from the AUROC; add takes shifts)"
+    cases = {
+        "Unknown mode 'boost'; choose one of ('set', 'dampen', 'ablate', 'clamp', 'add').": dict(mode="boost"),
+        "Unknown suppress mode 'set'; choose one of ('dampen', 'ablate', 'clamp', 'add').": dict(suppress="set"),
+        "Unknown positions 'last'; choose one of ('all', 'prompt', 'generated').": dict(positions="last"),
+        f"value='on_p50' does not fit mode 'ablate'; allowed: ('zero', 'off_mean').": dict(mode="ablate",
+                                                                                          value="on_p50"),
+        f"value='off_mean' does not fit mode 'dampen'; allowed: {none_allowed}.": dict(mode="dampen",
+                                                                                      value="off_mean"),
+        f"value='zero' does not fit mode 'add'; allowed: {none_allowed}.": dict(mode="add", value="zero"),
+        f"value='off' does not fit mode 'set'; allowed: {VALUE_STATS}.": dict(value="off"),
+        f"value='off' does not fit mode 'clamp'; allowed: {VALUE_STATS}.": dict(mode="clamp", value="off"),
+        "No concepts given: pass a concept name or a {concept: strength} mapping.": dict(concepts={}),
+        "Unknown rank 'auroc'; 'ap', or 'scores' with per-unit scores.": dict(rank="auroc"),
+    }
+    for alpha in (-0.5, float("nan"), float("inf"), True, "1"):
+        cases[f"alpha must be a finite number >= 0; got {alpha!r}. "
+              "To push a concept away, give it a negative strength instead."] = dict(alpha=alpha)
+    for strength in (0, 0.0, float("nan"), True, "1"):
+        cases[f"Strength of concept 'woman' must be a finite non-zero number (> 0 toward, < 0 suppress); "
+              f"got {strength!r}."] = dict(concepts={"football": 1.0, "woman": strength})
+    for layers in ("01", [], [1.5], [True], [0, "1"]):
+        cases[f"layers must be a non-empty list of layer indices; got {layers!r}."] = dict(layers=layers)
+    for message, settings in cases.items():
+        assert _spec_refusal(**settings) == message, settings
+
+
+def test_a_checked_spec_holds_plain_numbers_and_sorted_layers():
+    from steer_experts.steering import SteeringSpec, checked_spec
+
+    spec = checked_spec(SteeringSpec({"football": np.int64(2), "woman": np.float32(-0.5)}, tau=np.float32(0.5),
+                                     alpha=np.int64(0), layers=(np.int64(3), 1, 3), per_layer=None))
+    assert spec.concepts == {"football": 2.0, "woman": -0.5}
+    assert [type(v) for v in spec.concepts.values()] == [float, float]
+    assert (spec.tau, type(spec.tau), spec.alpha, type(spec.alpha)) == (0.5, float, 0.0, float)
+    assert spec.layers == [1, 3] and all(type(x) is int for x in spec.layers)
+    assert checked_spec(SteeringSpec({"football": 1.0}, k=3)).tau is None
+
+
+def test_concepts_are_resolved_once_each(tiny_llama):
+    experts = synthetic_experts(tiny_llama, concepts=("football-1_04_00__", "woman"))
+    plan = steer(tiny_llama, experts, {"football": 1.0, "woman": -1.0}, k=3).plan
+    assert plan.concepts == ["football-1_04_00__", "woman"]
+    with pytest.raises(ValueError) as refused:
+        steer(tiny_llama, experts, {"football": 1.0, "football-1_04_00__": 2.0}, k=3)
+    assert str(refused.value) == "Concept 'football-1_04_00__' is given twice (as 'football-1_04_00__'); give each concept once."
+    with pytest.raises(TypeError) as refused:
+        steer(tiny_llama, experts, ["football"], k=3)
+    assert str(refused.value) == "concepts must be a name or a {name: strength} mapping; got list."
+    with pytest.raises(ValueError) as refused:
+        steer(tiny_llama, experts, {"football": 1.0, "woman": 1.0}, k="auto")
+    assert str(refused.value) == "k='auto' is calibrated per concept: steer one concept at a time with it."
