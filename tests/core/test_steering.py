@@ -882,3 +882,29 @@ def test_concepts_are_resolved_once_each(tiny_llama):
     with pytest.raises(ValueError) as refused:
         steer(tiny_llama, experts, {"football": 1.0, "woman": 1.0}, k="auto")
     assert str(refused.value) == "k='auto' is calibrated per concept: steer one concept at a time with it."
+
+
+def test_steer_keeps_every_setting_it_was_given_in_its_spec(tiny_llama):
+    from steer_experts.steering import SteeringSpec
+
+    experts = synthetic_experts(tiny_llama)
+    steered = steer(tiny_llama, experts, {"football": 2, "woman": -1}, k=5, alpha=0.5, mode="clamp",
+                    value="on_p90", suppress="ablate", positions="prompt", layers=(1,), control="random", seed=7)
+    assert steered.spec == SteeringSpec({"football": 2.0, "woman": -1.0}, k=5, control="random", seed=7, alpha=0.5,
+                                        mode="clamp", value="on_p90", suppress="ablate", positions="prompt",
+                                        layers=[1], rank="ap")
+    scored = steer(tiny_llama, experts, "football", per_layer=2, scores=np.arange(experts.n_units, dtype=float))
+    assert scored.spec == SteeringSpec({"football": 1.0}, per_layer=2, rank="scores")
+    assert steer(tiny_llama, experts, "football", tau=0.9).spec == SteeringSpec({"football": 1.0}, tau=0.9)
+
+
+def test_k_auto_takes_k_and_alpha_from_the_operating_point_of_that_budget(tiny_llama):
+    from steer_experts.experts import operating_point_key
+
+    experts = synthetic_experts(tiny_llama)
+    experts.metadata["operating_points"] = {operating_point_key("football", 1.5): {"k": 7, "alpha": 0.25}}
+    auto = steer(tiny_llama, experts, "football", k="auto", max_perplexity_ratio=1.5, alpha=3.0)
+    assert (auto.spec.k, auto.spec.alpha, len(auto.plan)) == (7, 0.25, 7)
+    assert np.array_equal(auto.plan.weight, np.full(7, 0.25, np.float32))
+    with pytest.raises(KeyError, match="within 2x perplexity"):
+        steer(tiny_llama, experts, "football", k="auto")
