@@ -398,8 +398,7 @@ class SteeredModel:
         if cls.method:
             STEERING_METHODS[cls.method] = cls
 
-    def __init__(self, base: LoadedModel, interventions: Mapping[UnitSite, torch.nn.Module],
-                 positions: str = "all"):
+    def __init__(self, base: LoadedModel, interventions: Mapping[UnitSite, torch.nn.Module], positions: str):
         if positions not in POSITIONS:
             raise ValueError(f"Unknown positions {positions!r}; choose one of {POSITIONS}.")
         self.base = base
@@ -605,7 +604,7 @@ class ExpertSteeredModel(SteeredModel):
     method = "experts"
 
     def __init__(self, base: LoadedModel, plan: SteeringPlan, spec: SteeringSpec, sites: Sequence[UnitSite],
-                 unit_kind: str = "mlp"):
+                 unit_kind: str):
         self.plan = plan
         self.spec = spec
         self.sites = list(sites)

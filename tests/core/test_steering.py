@@ -908,3 +908,9 @@ def test_k_auto_takes_k_and_alpha_from_the_operating_point_of_that_budget(tiny_l
     assert np.array_equal(auto.plan.weight, np.full(7, 0.25, np.float32))
     with pytest.raises(KeyError, match="within 2x perplexity"):
         steer(tiny_llama, experts, "football", k="auto")
+
+
+def test_a_steered_model_refuses_unknown_default_positions(tiny_llama):
+    with pytest.raises(ValueError) as refused:
+        SteeredModel(tiny_llama, {}, "last")
+    assert str(refused.value) == "Unknown positions 'last'; choose one of ('all', 'prompt', 'generated')."
