@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import pytest
@@ -325,3 +326,213 @@ def test_unknown_concept_lists_the_known_ones():
         found.index("basketball")
     assert err.value.args[0] == "unknown concept 'basketball'; known concepts: football, woman"
 
+
+
+# ----------------------------------------------------------------------------- what mutation testing asked for
+
+
+def test_wrong_arguments_are_refused_with_the_documented_messages():
+    """Each refusal of compute_expertise's arguments, whole: a block size below 1, no concepts, repeated
+    names (listed once each, sorted, names seen once left out)."""
+    x = np.zeros((8, 2), np.float32)
+    one = ConceptRows(["c"], [np.array([0])], [np.array([1])])
+    cases = [
+        (dict(responses=x, concepts=one, block_units=0), "block_units must be >= 1, got 0"),
+        (dict(responses=x, concepts=ConceptRows([], [], [])),
+         "no concepts given; expertise needs at least one concept"),
+        (dict(responses=x, concepts=ConceptRows(["b", "a", "b", "c", "a", "a"], [np.array([0])] * 6,
+                                                [np.array([1])] * 6)),
+         "concept names must be unique; repeated: ['a', 'b']"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as err:
+            compute_expertise(**kwargs, progress=False)
+        assert str(err.value) == message
+
+
+def test_a_later_block_of_the_wrong_shape_is_named_with_its_own_range():
+    """A column source that serves the first block right and the second one unit short: the message names
+    the second block's range and the shape it should have had."""
+    def columns(start, stop):
+        return np.zeros((20, stop - start - (start > 0)), np.float32)
+    with pytest.raises(ValueError) as err:
+        compute_expertise(_Columns((20, 30), columns), _two_concepts(20), block_units=8, progress=False)
+    assert str(err.value) == "responses.columns(8, 16) returned shape (20, 7), expected (20, 8)"
+
+
+def test_object_arrays_of_numbers_are_scored_as_float32():
+    """Responses handed over as a Python-object array (as pandas gives for a mixed frame) are read as
+    float32, like any other array of numbers: the same result as the float32 array."""
+    x = np.random.default_rng(2).normal(size=(12, 3)).astype(np.float32)
+    want = compute_expertise(x, _two_concepts(12), progress=False)
+    got = compute_expertise(x.astype(object), _two_concepts(12), progress=False)
+    for name in Expertise.STATS:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def test_default_blocks_are_2048_units():
+    """Without block_units, a column source is read 2048 units at a time."""
+    stream = ColumnStream(np.arange(3 * 2049, dtype=np.float32).reshape(3, 2049) % 5)
+    compute_expertise(stream, ConceptRows(["c"], [np.array([0])], [np.array([1, 2])]), progress=False)
+    assert stream.requests == [(0, 2048), (2048, 2049)]
+
+
+def test_progress_bar_is_shown_by_default_and_only_then(capsys):
+    """By default the lead process shows one "expertise" bar counting units up to the total, also when
+    the units come in several blocks; progress=False shows nothing."""
+    x = np.random.default_rng(4).normal(size=(10, 3)).astype(np.float32)
+    concepts = ConceptRows(["c"], [np.arange(4)], [np.arange(4, 10)])
+    compute_expertise(x, concepts, block_units=1)
+    shown = capsys.readouterr().err
+    final = shown.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("expertise: 100%|") and "| 3/3 [" in final and final.endswith("unit/s]"), shown
+    compute_expertise(x, concepts, block_units=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+class _SecondOfTwo:
+    """Rank 1 of a two-process team whose rank 0 scored ``first`` (one array per statistic, in
+    Expertise.STATS order); records what this process hands to gather."""
+
+    rank, size, lead = 1, 2, False
+
+    def __init__(self, first):
+        self.first, self.handed = first, []
+
+    def gather(self, array):
+        self.handed.append(array)
+        return [self.first[len(self.handed) - 1], array]
+
+
+def test_a_second_process_scores_its_half_and_gathers_the_whole(monkeypatch, capsys):
+    """Rank 1 of 2 scores only units U // 2 onwards, hands each statistic to gather once, joins the
+    gathered parts along the units into the whole result, and shows no bar (only the lead does)."""
+    x = tied_responses(np.random.default_rng(8), 150, 9)
+    concepts = mixed_concepts(np.random.default_rng(8), 150)
+    whole = compute_expertise(x, concepts, progress=False)
+    other = _SecondOfTwo([getattr(whole, name)[:, :4] for name in Expertise.STATS])
+    monkeypatch.setattr(expertise, "team", lambda: other)
+    got = compute_expertise(x, concepts)
+    assert capsys.readouterr().err == ""
+    assert len(other.handed) == len(Expertise.STATS)
+    for name, handed in zip(Expertise.STATS, other.handed):
+        np.testing.assert_array_equal(handed, getattr(whole, name)[:, 4:], err_msg=name)
+        assert getattr(got, name).shape == getattr(whole, name).shape, name
+        np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
+
+
+def test_scoring_threads_are_one_per_usable_cpu(monkeypatch):
+    """The scoring pool has one thread per CPU this process may run on (its affinity), else one per CPU
+    (os.cpu_count()), else one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = []
+
+    class Recording(ThreadPoolExecutor):
+        def __init__(self, max_workers=None, *args, **kwargs):
+            sizes.append(max_workers)
+            super().__init__(max_workers, *args, **kwargs)
+
+    monkeypatch.setattr(expertise, "ThreadPoolExecutor", Recording)
+    x = np.random.default_rng(6).normal(size=(10, 2)).astype(np.float32)
+    concepts = ConceptRows(["c"], [np.arange(4)], [np.arange(4, 10)])
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 3, 5, 6}, raising=False)
+    compute_expertise(x, concepts, progress=False)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    compute_expertise(x, concepts, progress=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    compute_expertise(x, concepts, progress=False)
+    assert sizes == [5, 7, 1]
+
+
+def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkeypatch):
+    """Inside a block, units are scored in chunks of _CHUNK_ELEMENTS // max(N, entries per unit) units
+    (at least one), each unit exactly once; the result does not depend on the chunking."""
+    widths = []
+    score_units = expertise._score_units
+
+    def recording(columns, plan):
+        widths.append(columns.shape[1])
+        return score_units(columns, plan)
+
+    x = np.random.default_rng(9).integers(0, 3, size=(20, 7)).astype(np.float32)
+    concepts = ConceptRows(["rest"], [np.arange(5)], [np.arange(5, 20)])  # 5 entries per unit < N = 20
+    whole = compute_expertise(x, concepts, progress=False)
+    monkeypatch.setattr(expertise, "_score_units", recording)
+    for budget, expected in ((60, [2, 2, 3]), (1, [1] * 7)):  # chunks of 3 units, then of 1
+        widths.clear()
+        monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", budget)
+        got = compute_expertise(x, concepts, block_units=5, progress=False)
+        assert sorted(widths) == expected, budget
+        for name in Expertise.STATS:
+            np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
+
+
+def test_concepts_against_all_other_sentences_take_one_entry_per_positive():
+    """A concept whose negatives are every other sentence is scored from one sort entry per positive;
+    one with a listed subset of negatives from 2 per positive and 1 per negative."""
+    concepts = ConceptRows(["listed", "rest"], [np.array([0, 1]), np.array([2, 3, 4])],
+                           [np.array([5, 6, 7, 8]), np.array([0, 1, 5, 6, 7, 8, 9])])
+    plan = expertise._Plan(expertise._evaluation_sets(concepts, 10), 10)
+    assert list(plan.rest_rows) == [1] and list(plan.listed_rows) == [0]
+    assert plan.entries_per_unit == 3 + (2 * 2 + 4)
+
+
+@pytest.mark.parametrize("n_concepts", [1, 3, 7])
+def test_sort_keys_are_int32_wherever_they_fit(n_concepts):
+    """The keys take the smaller int32 type (half the sort's memory) up to the largest N whose keys fit
+    it, and for any ordinary size."""
+    n_rows = 2**31 // (4 * n_concepts) - 2
+    assert 4 * (n_rows + 1) * n_concepts - 1 <= np.iinfo(np.int32).max
+    assert expertise._key_dtype(n_concepts, n_rows) is np.int32
+    assert expertise._key_dtype(n_concepts, 150) is np.int32
+
+
+def test_rest_keys_stay_exact_at_the_int32_limit():
+    """Seven concepts against all other sentences, at the largest N whose keys _key_dtype still packs in
+    int32, each with one positive among the 7 lowest responses (concept 6's the lowest: the largest key).
+    AP is 1 / (its rank) and AUROC the share of negatives below it, as for any N."""
+    n_rows = 2**31 // 28 - 2
+    assert expertise._key_dtype(7, n_rows) is np.int32
+    none = np.array([], np.int64)
+    rest = expertise._RestConcepts([expertise._EvaluationSet(f"c{c}", np.array([c]), none) for c in range(7)],
+                                   n_rows)
+    ge = n_rows - 6 + np.arange(7)  # sentence c: the (N - 6 + c)-th highest, alone in its tie group
+    ranks = np.stack([4 * (ge - 1), 4 * ge], axis=1).reshape(1, 14).astype(np.int32)
+    got_ge, scores = rest.score(ranks)
+    np.testing.assert_array_equal(got_ge[0], ge)
+    np.testing.assert_allclose(scores["ap"][:, 0], 1 / ge, rtol=1e-15)
+    np.testing.assert_allclose(scores["auroc"][:, 0], (n_rows - ge) / (n_rows - 1), rtol=1e-15)
+
+
+def test_means_are_summed_in_float64():
+    """on_mean / off_mean of positives and negatives, all other sentences or a listed subset, equal the
+    float64 mean rounded to float32 bit for bit, where float32 sums would drop the small values next
+    to 2**26."""
+    rng = np.random.default_rng(12)
+    n = 40
+    x = rng.integers(1, 4, size=(n, 2)).astype(np.float32)
+    x[[0, 7, 21, 30], 0] = 2.0**26
+    x[[3, 25], 1] = -(2.0**26)
+    concepts = ConceptRows(["rest", "listed"], [np.arange(0, 12), np.arange(20, 26)],
+                           [np.arange(12, n), np.r_[np.arange(0, 5), np.arange(28, 34)]])
+    got = compute_expertise(x, concepts, progress=False)
+    for c in range(2):
+        for name, rows in (("on_mean", concepts.positives[c]), ("off_mean", concepts.negatives[c])):
+            want = np.mean(x[rows].astype(np.float64), axis=0).astype(np.float32)
+            np.testing.assert_array_equal(getattr(got, name)[c], want, err_msg=(c, name))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_percentiles_near_the_float32_limit_equal_numpy():
+    """Median and 90th percentile of positives responding near +-3e38 (where a sum of two overflows)
+    equal numpy's: an odd count's median is its middle value, a single positive's percentile is that
+    value."""
+    x = np.array([[3e38], [3e38], [3e38], [-3e38], [0.0], [1.0]], np.float32)
+    concepts = ConceptRows(["three", "one"], [np.array([0, 1, 2]), np.array([3])],
+                           [np.array([3, 4, 5]), np.array([0, 1, 2, 4, 5])])
+    got = compute_expertise(x, concepts, progress=False)
+    for c, pos in enumerate(concepts.positives):
+        np.testing.assert_array_equal(got.on_p50[c], np.median(x[pos], axis=0), err_msg=c)
+        np.testing.assert_array_equal(got.on_p90[c], np.percentile(x[pos], 90, axis=0), err_msg=c)

@@ -867,6 +867,8 @@ def test_a_checked_spec_holds_plain_numbers_and_sorted_layers():
     assert (spec.tau, type(spec.tau), spec.alpha, type(spec.alpha)) == (0.5, float, 0.0, float)
     assert spec.layers == [1, 3] and all(type(x) is int for x in spec.layers)
     assert checked_spec(SteeringSpec({"football": 1.0}, k=3)).tau is None
+    per_layer = checked_spec(SteeringSpec({"football": 1.0}, per_layer=np.int32(2))).per_layer
+    assert (per_layer, type(per_layer)) == (2, int)
 
 
 def test_concepts_are_resolved_once_each(tiny_llama):
