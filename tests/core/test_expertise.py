@@ -327,8 +327,7 @@ def test_unknown_concept_lists_the_known_ones():
     assert err.value.args[0] == "unknown concept 'basketball'; known concepts: football, woman"
 
 
-
-# ----------------------------------------------------------------------------- what mutation testing asked for
+# ----------------------------------------------------------------------------- arguments, blocks, processes, numeric limits
 
 
 def test_wrong_arguments_are_refused_with_the_documented_messages():
@@ -483,8 +482,7 @@ def test_concepts_against_all_other_sentences_take_one_entry_per_positive():
 def test_sort_keys_are_int32_wherever_they_fit(n_concepts):
     """The keys take the smaller int32 type (half the sort's memory) up to the largest N whose keys fit
     it, and for any ordinary size."""
-    n_rows = 2**31 // (4 * n_concepts) - 2
-    assert 4 * (n_rows + 1) * n_concepts - 1 <= np.iinfo(np.int32).max
+    n_rows = (2**31 - 1) // (4 * n_concepts) - 1  # the largest N with 4 (N + 1) C < 2**31
     assert expertise._key_dtype(n_concepts, n_rows) is np.int32
     assert expertise._key_dtype(n_concepts, 150) is np.int32
 
@@ -493,8 +491,8 @@ def test_rest_keys_stay_exact_at_the_int32_limit():
     """Seven concepts against all other sentences, at the largest N whose keys _key_dtype still packs in
     int32, each with one positive among the 7 lowest responses (concept 6's the lowest: the largest key).
     AP is 1 / (its rank) and AUROC the share of negatives below it, as for any N."""
-    n_rows = 2**31 // 28 - 2
-    assert expertise._key_dtype(7, n_rows) is np.int32
+    n_rows = (2**31 - 1) // 28 - 1
+    assert expertise._key_dtype(7, n_rows) is np.int32 and expertise._key_dtype(7, n_rows + 1) is np.int64
     none = np.array([], np.int64)
     rest = expertise._RestConcepts([expertise._EvaluationSet(f"c{c}", np.array([c]), none) for c in range(7)],
                                    n_rows)
