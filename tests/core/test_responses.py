@@ -326,3 +326,18 @@ def test_take_reads_any_units_in_any_order_as_columns_does(tiny_model, tmp_path)
     units = [responses.n_units - 1, 0, 7, 7, responses.n_units // 2]
     np.testing.assert_array_equal(responses.take(units), whole[:, units])
     np.testing.assert_array_equal(responses.columns(3, 9), whole[:, 3:9])
+
+
+def test_the_manifest_lists_shards_by_index_whatever_order_they_finish_in(tmp_path):
+    """Processes finish their shards in any order; the manifest lists the checksums by shard index,
+    numerically (2 before 10), so that it holds the bytes a lone run writes."""
+    from steer_experts.integrity import file_checksum
+
+    n = 12
+    (tmp_path / responses_module.MANIFEST).write_text(json.dumps({"shards": [[[i]] for i in range(n)],
+                                                                  "checksums": {}}))
+    for i in (5, 11, 0, 10, 2, 1, 3, 4, 6, 7, 8, 9):
+        responses_module._store_shard(tmp_path, i, {"rows": np.array([i]), "values": np.full((1, 2), i, np.float32)})
+    checksums = json.loads((tmp_path / responses_module.MANIFEST).read_text())["checksums"]
+    assert list(checksums) == [str(i) for i in range(n)]
+    assert all(checksums[str(i)] == file_checksum(responses_module._shard_path(tmp_path, i)) for i in range(n))
