@@ -66,7 +66,7 @@ POOLINGS = ("max", "mean")
 MANIFEST = "manifest.json"
 LOCK_NAME = ".lock"
 # Bump whenever what a shard holds changes meaning: old caches then live in other folders.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: batches padded on the right whatever the tokenizer's side
 
 
 class CacheRepairWarning(UserWarning):
@@ -370,8 +370,10 @@ def _fill_shards(model: LoadedModel, sentences: Sequence[str], responses: Respon
             shard = np.empty((len(rows), responses.n_units), dtype=np.float32)
             done = 0
             for batch in shards[i]:
-                enc = model.tokenizer([sentences[r] for r in batch], padding=True, truncation=True,
-                                      max_length=max_length, return_tensors="pt").to(device)
+                # On the right whatever the tokenizer's own side: a sentence then sits at the same positions
+                # in any batch, and its responses do not depend on what it was batched with.
+                enc = model.tokenizer([sentences[r] for r in batch], padding=True, padding_side="right",
+                                      truncation=True, max_length=max_length, return_tensors="pt").to(device)
                 # Special tokens (BOS, pad) are not the sentence: their activations are
                 # sentence-independent and would set a floor under every max.
                 pooler.mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
@@ -433,8 +435,8 @@ def token_responses(model: LoadedModel, sentences: Sequence[str], units: Sequenc
     handles = [model.model.get_submodule(sites[layer].module_path).register_forward_pre_hook(
         capture(int(layer), torch.as_tensor(units[layer_of == layer] - offsets[layer], device=model.device)))
         for layer in np.unique(layer_of)]
-    enc = model.tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
+    enc = model.tokenizer(list(sentences), padding=True, padding_side="right", truncation=True,
+                          max_length=max_length, return_tensors="pt")  # the positions collection uses
     try:
         decoder_stack(model.model)(input_ids=enc["input_ids"].to(model.device),
                                    attention_mask=enc["attention_mask"].to(model.device), use_cache=False)

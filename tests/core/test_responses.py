@@ -337,7 +337,47 @@ def test_the_manifest_lists_shards_by_index_whatever_order_they_finish_in(tmp_pa
     (tmp_path / responses_module.MANIFEST).write_text(json.dumps({"shards": [[[i]] for i in range(n)],
                                                                   "checksums": {}}))
     for i in (5, 11, 0, 10, 2, 1, 3, 4, 6, 7, 8, 9):
-        responses_module._store_shard(tmp_path, i, {"rows": np.array([i]), "values": np.full((1, 2), i, np.float32)})
+        responses_module._store_shard(tmp_path, i, {"rows": np.array([i]), "responses": np.full((1, 2), i, np.float32)})
     checksums = json.loads((tmp_path / responses_module.MANIFEST).read_text())["checksums"]
     assert list(checksums) == [str(i) for i in range(n)]
     assert all(checksums[str(i)] == file_checksum(responses_module._shard_path(tmp_path, i)) for i in range(n))
+
+
+def test_responses_do_not_depend_on_the_side_the_tokenizer_pads(tiny_model, tmp_path, monkeypatch):
+    """A tokenizer that pads on the left (as many chat models' do) gives the responses one that pads on the
+    right gives: batches are padded on the right, so a sentence sits at the same positions in any batch."""
+    units = [0, 5, 40]
+    want = collect_responses(tiny_model, SENTENCES, batch_size=3, cache_dir=tmp_path / "right",
+                             progress=False).to_numpy()
+    want_tokens = token_responses(tiny_model, SENTENCES, units)
+    monkeypatch.setattr(tiny_model.tokenizer, "padding_side", "left")
+    got = collect_responses(tiny_model, SENTENCES, batch_size=3, cache_dir=tmp_path / "left",
+                            progress=False).to_numpy()
+    assert np.array_equal(got, want)
+    for got_row, want_row in zip(token_responses(tiny_model, SENTENCES, units), want_tokens):
+        assert got_row["tokens"] == want_row["tokens"]
+        assert np.array_equal(got_row["values"], want_row["values"])
+
+
+def test_collection_shows_one_bar_of_the_sentences_it_computes_and_stores_float32(tiny_bos_model, tmp_path,
+                                                                                  capsys):
+    """By default collection shows one "responses" bar counting sentences up to those it has to compute
+    (a rerun after losing a shard counts only that shard's); progress=False shows none. Shards hold float32."""
+    from safetensors.numpy import load_file
+
+    kw = dict(batch_size=2, shard_size=3, cache_dir=tmp_path)
+    n = len(SENTENCES)
+    cached = collect_responses(tiny_bos_model, SENTENCES, **kw)
+    shown = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert shown[-1].startswith("responses: 100%|") and f"| {n}/{n} [" in shown[-1], shown
+    assert shown[-1].endswith("sent/s]"), shown
+    shard = sorted(cached.folder.glob("shard-*.safetensors"))[-1]
+    assert load_file(shard)["responses"].dtype == np.float32
+    lost = len(load_file(shard)["rows"])
+    shard.unlink()
+    collect_responses(tiny_bos_model, SENTENCES, **kw)
+    shown = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert f"| {lost}/{lost} [" in shown[-1], shown
+    shard.unlink()
+    collect_responses(tiny_bos_model, SENTENCES, **kw, progress=False)
+    assert capsys.readouterr().err == ""
