@@ -525,7 +525,7 @@ def _quantile_columns(n_pos: np.ndarray, pos_start: np.ndarray) -> tuple[np.ndar
     """
     virtual = (n_pos - 1) * (90 / 100)
     below = np.floor(virtual)
-    p90_lo = np.minimum(below.astype(np.int64), n_pos - 1)
+    p90_lo = below.astype(np.int64)  # floor(0.9 (n - 1)) <= n - 1: always a column of the concept
     p90_hi = np.minimum(p90_lo + 1, n_pos - 1)
     last = pos_start + n_pos - 1  # column of each concept's smallest positive
     ascending = np.stack([(n_pos - 1) // 2, n_pos // 2, p90_lo, p90_hi])

@@ -370,10 +370,7 @@ def _fill_shards(model: LoadedModel, sentences: Sequence[str], responses: Respon
             shard = np.empty((len(rows), responses.n_units), dtype=np.float32)
             done = 0
             for batch in shards[i]:
-                # On the right whatever the tokenizer's own side: a sentence then sits at the same positions
-                # in any batch, and its responses do not depend on what it was batched with.
-                enc = model.tokenizer([sentences[r] for r in batch], padding=True, padding_side="right",
-                                      truncation=True, max_length=max_length, return_tensors="pt").to(device)
+                enc = _encode(model.tokenizer, [sentences[r] for r in batch], max_length).to(device)
                 # Special tokens (BOS, pad) are not the sentence: their activations are
                 # sentence-independent and would set a floor under every max.
                 pooler.mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
@@ -390,6 +387,16 @@ def _fill_shards(model: LoadedModel, sentences: Sequence[str], responses: Respon
     finally:
         pooler.remove()
         bar.close()
+
+
+def _encode(tokenizer, sentences: list[str], max_length: int):
+    """One padded batch of token ids and attention mask for ``sentences``, at most ``max_length`` tokens each.
+
+    Padded on the right whatever the tokenizer's own side: a sentence then sits at the same positions in
+    any batch, so its responses do not depend on what it was batched with.
+    """
+    return tokenizer(sentences, padding=True, padding_side="right", truncation=True, max_length=max_length,
+                     return_tensors="pt")
 
 
 def _store_shard(folder: Path, i: int, tensors: dict[str, np.ndarray]) -> None:
@@ -435,8 +442,7 @@ def token_responses(model: LoadedModel, sentences: Sequence[str], units: Sequenc
     handles = [model.model.get_submodule(sites[layer].module_path).register_forward_pre_hook(
         capture(int(layer), torch.as_tensor(units[layer_of == layer] - offsets[layer], device=model.device)))
         for layer in np.unique(layer_of)]
-    enc = model.tokenizer(list(sentences), padding=True, padding_side="right", truncation=True,
-                          max_length=max_length, return_tensors="pt")  # the positions collection uses
+    enc = _encode(model.tokenizer, list(sentences), max_length)
     try:
         decoder_stack(model.model)(input_ids=enc["input_ids"].to(model.device),
                                    attention_mask=enc["attention_mask"].to(model.device), use_cache=False)
