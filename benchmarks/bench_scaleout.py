@@ -5,9 +5,9 @@ into a fresh response cache of their own, score expertise for every concept, sav
 ExpertSet. The two-process side splits the work as ``steer-experts discover --workers 2``
 does (a gloo team of two on this machine, each process taking every other shard of the
 batching plan and half of the units). Each side runs in its own process; its clock starts
-once the model is loaded (in every process) and stops when the expert set is saved. Torch
-runs one thread per process; expertise scoring uses a thread per core in every process, as
-it always does, so that stage gains less from a second process than collection does.
+once the model is loaded (in every process) and stops when the expert set is saved. Every
+process runs one thread, in the forward pass and in expertise scoring alike (scoring takes
+torch's thread count).
 
 Sentences: the first ``--sentences`` distinct sentences of the OneSec data
 (``$STEER_EXPERTS_DATA``, else ``../shared/data`` beside the checkout), cut into 10

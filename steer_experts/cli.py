@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="steer-experts", description=__doc__)
     parser.add_argument("--threads", type=_positive_int,
-                        help="torch CPU threads (default: torch's; 1 is fastest on a busy shared machine)")
+                        help="CPU threads of torch and of expertise scoring (default: torch's; 1 is fastest on a busy "
+                             "shared machine)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -115,7 +115,8 @@ class Expertise:
 
 
 def compute_expertise(
-    responses, concepts: LabelledRows, *, block_units: int = 2048, progress: bool = True
+    responses, concepts: LabelledRows, *, block_units: int = 2048, threads: int | None = None,
+    progress: bool = True,
 ) -> Expertise:
     """Score every unit as a detector of every concept.
 
@@ -124,7 +125,8 @@ def compute_expertise(
     float32 array, read ``block_units`` columns at a time (so it may live on
     disk). Responses are scored as float32. ``concepts`` gives ``.names`` and,
     per concept i, row indices ``.positive_indices(i)`` and
-    ``.negative_indices(i)`` (disjoint).
+    ``.negative_indices(i)`` (disjoint). ``threads`` scoring threads run at
+    once (default: one per CPU this process may run on).
 
     Returns an :class:`Expertise` whose ``ap`` / ``auroc`` equal sklearn's
     ``average_precision_score`` / ``roc_auc_score`` per unit and concept, whose
@@ -140,11 +142,15 @@ def compute_expertise(
     """
     if block_units < 1:
         raise ValueError(f"block_units must be >= 1, got {block_units}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for one per usable CPU), got {threads}")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     (n_rows, n_units), read_columns = _column_source(responses)
     plan = _Plan(_evaluation_sets(concepts, n_rows), n_rows)
     members = team()
     units = range(n_units * members.rank // members.size, n_units * (members.rank + 1) // members.size)
-    scores = _score_range(read_columns, plan, n_rows, units, block_units, progress and members.lead)
+    scores = _score_range(read_columns, plan, n_rows, units, block_units, threads, progress and members.lead)
     if members.size > 1:
         scores = {name: np.concatenate(members.gather(values), axis=1) for name, values in scores.items()}
     return Expertise(
@@ -155,19 +161,18 @@ def compute_expertise(
     )
 
 
-def _score_range(read_columns, plan: _Plan, n_rows: int, units: range, block_units: int,
+def _score_range(read_columns, plan: _Plan, n_rows: int, units: range, block_units: int, threads: int,
                  progress: bool) -> dict[str, np.ndarray]:
     """Score ``units`` (a range of columns) in blocks of ``block_units`` from its start; each stat as a
     (C, len(units)) array."""
     scores = _empty_scores(len(plan.names), len(units))
     chunk = max(1, _CHUNK_ELEMENTS // max(n_rows, plan.entries_per_unit))
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def score_span(block: np.ndarray, start: int, lo: int, hi: int) -> None:
         for name, values in _score_units(block[:, lo:hi], plan).items():
             scores[name][:, start - units.start + lo : start - units.start + hi] = values
 
-    with ThreadPoolExecutor(workers) as pool, tqdm(
+    with ThreadPoolExecutor(threads) as pool, tqdm(
         total=len(units), desc="expertise", unit="unit", disable=not progress
     ) as bar:
         for start in range(units.start, units.stop, block_units):

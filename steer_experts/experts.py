@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
@@ -128,9 +129,12 @@ class ExpertSet:
                        metadata: dict | None = None, progress: bool = True) -> "ExpertSet":
         """Score ``responses`` (a :class:`~steer_experts.responses.Responses` or a (sentences, units)
         array collected from ``model``'s ``unit_kind`` units) for ``concepts`` (a ``ConceptSet`` over
-        the same sentences, or ``ConceptSet.rows(sentences)`` for a subset of them)."""
+        the same sentences, or ``ConceptSet.rows(sentences)`` for a subset of them).
+
+        Scores with as many threads as torch computes with (``torch.set_num_threads``, the CLI's
+        ``--threads``), so that processes sharing a machine do not each take every core."""
         sites = responses.sites if hasattr(responses, "sites") else locate_units(model.model, unit_kind)
-        expertise = compute_expertise(responses, concepts, progress=progress)
+        expertise = compute_expertise(responses, concepts, threads=torch.get_num_threads(), progress=progress)
         return cls(expertise, sites, model.name, model.fingerprint, unit_kind, metadata)
 
     @classmethod

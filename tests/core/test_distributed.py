@@ -146,7 +146,7 @@ def test_a_range_of_units_scores_as_in_the_whole(start, stop):
     whole = compute_expertise(x, concepts, progress=False)
     (n_rows, _), read = _column_source(x)
     plan = _Plan(_evaluation_sets(concepts, n_rows), n_rows)
-    part = _score_range(read, plan, n_rows, range(start, stop), 4, progress=False)
+    part = _score_range(read, plan, n_rows, range(start, stop), 4, threads=2, progress=False)
     for name in Expertise.STATS:
         assert np.array_equal(part[name], getattr(whole, name)[:, start:stop]), name
 

@@ -331,12 +331,13 @@ def test_unknown_concept_lists_the_known_ones():
 
 
 def test_wrong_arguments_are_refused_with_the_documented_messages():
-    """Each refusal of compute_expertise's arguments, whole: a block size below 1, no concepts, repeated
+    """Each refusal of compute_expertise's arguments, whole: a block size or thread count below 1, no concepts, repeated
     names (listed once each, sorted, names seen once left out)."""
     x = np.zeros((8, 2), np.float32)
     one = ConceptRows(["c"], [np.array([0])], [np.array([1])])
     cases = [
         (dict(responses=x, concepts=one, block_units=0), "block_units must be >= 1, got 0"),
+        (dict(responses=x, concepts=one, threads=0), "threads must be >= 1 (or None for one per usable CPU), got 0"),
         (dict(responses=x, concepts=ConceptRows([], [], [])),
          "no concepts given; expertise needs at least one concept"),
         (dict(responses=x, concepts=ConceptRows(["b", "a", "b", "c", "a", "a"], [np.array([0])] * 6,
@@ -420,9 +421,9 @@ def test_a_second_process_scores_its_half_and_gathers_the_whole(monkeypatch, cap
         np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
 
 
-def test_scoring_threads_are_one_per_usable_cpu(monkeypatch):
+def test_scoring_threads_are_one_per_usable_cpu_unless_given(monkeypatch):
     """The scoring pool has one thread per CPU this process may run on (its affinity), else one per CPU
-    (os.cpu_count()), else one."""
+    (os.cpu_count()), else one; ``threads`` sets it."""
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = []
@@ -442,7 +443,8 @@ def test_scoring_threads_are_one_per_usable_cpu(monkeypatch):
     compute_expertise(x, concepts, progress=False)
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     compute_expertise(x, concepts, progress=False)
-    assert sizes == [5, 7, 1]
+    compute_expertise(x, concepts, threads=3, progress=False)
+    assert sizes == [5, 7, 1, 3]
 
 
 def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkeypatch):

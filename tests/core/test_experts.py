@@ -213,3 +213,35 @@ def test_discover_honours_pooling_length_negatives_and_seed_and_records_them(tin
     assert found.metadata["negative_sampling_seed"] == 3
     assert found.metadata["n_sentences"] == len(sentences)
     assert found.metadata["truncated_sentences"] == sum(n > 6 for n in lengths) > 0
+
+
+def test_from_responses_scores_with_as_many_threads_as_torch(tiny_bos_model, monkeypatch):
+    """ExpertSet.from_responses gives compute_expertise torch's thread count, so that `--threads` and
+    OMP_NUM_THREADS bound the scoring too, and the result does not depend on it."""
+    import torch
+
+    from steer_experts import experts
+    from steer_experts.concepts import ConceptRows
+    from steer_experts.expertise import compute_expertise
+    from steer_experts.units import locate_units
+
+    handed = []
+
+    def recording(*args, threads=None, **kwargs):
+        handed.append(threads)
+        return compute_expertise(*args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(experts, "compute_expertise", recording)
+    n_units = sum(site.width for site in locate_units(tiny_bos_model.model, "mlp"))
+    x = np.random.default_rng(0).normal(size=(12, n_units)).astype(np.float32)
+    concepts = ConceptRows(["c"], [np.arange(5)], [np.arange(5, 12)])
+    before = torch.get_num_threads()
+    try:
+        found = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            found.append(ExpertSet.from_responses(x, concepts, tiny_bos_model, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    assert handed == [1, 3]
+    np.testing.assert_array_equal(found[0].expertise.ap, found[1].expertise.ap)
