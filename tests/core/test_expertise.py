@@ -444,7 +444,8 @@ def test_scoring_threads_are_one_per_usable_cpu_unless_given(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     compute_expertise(x, concepts, progress=False)
     compute_expertise(x, concepts, threads=3, progress=False)
-    assert sizes == [5, 7, 1, 3]
+    compute_expertise(x, concepts, threads=1, progress=False)
+    assert sizes == [5, 7, 1, 3, 1]
 
 
 def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkeypatch):
