@@ -60,8 +60,7 @@ def _phase(which: str, args) -> dict:
     concepts = _concepts(args).with_sampled_negatives(1000, seed=0)
     shards, _ = _plan(model, concepts.sentences, 128, 32, 512)
     batches = [[concepts.sentences[i] for i in b] for shard in shards for b in shard]
-    tokens = sum(int(_encode(model.tokenizer, b, 128)["attention_mask"].sum()) for b in batches)
-    padded = sum(_encode(model.tokenizer, b, 128)["input_ids"].numel() for b in batches)
+    masks = [_encode(model.tokenizer, b, 128)["attention_mask"] for b in batches]
     start = time.perf_counter()
     scoring = None
     if which == "plain":
@@ -82,8 +81,9 @@ def _phase(which: str, args) -> dict:
             ExpertSet.from_responses(responses, concepts, model, progress=False)
             scoring = time.perf_counter() - again
     return {"seconds": seconds, "scoring_seconds": scoring,
-            "concepts": len(concepts), "sentences": len(concepts.sentences), "tokens": tokens,
-            "padded_tokens": padded, "units": 46_080,
+            "concepts": len(concepts), "sentences": len(concepts.sentences),
+            "tokens": sum(int(m.sum()) for m in masks), "padded_tokens": sum(m.numel() for m in masks),
+            "units": 46_080, "threads": torch.get_num_threads(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -107,7 +107,7 @@ def main() -> None:
     r, plain = results["discover"], results["plain"]
     print(f"{r['concepts']} concepts, {r['sentences']} distinct sentences, {r['tokens']:,} tokens "
           f"({r['padded_tokens']:,} with padding), SmolLM2, {r['units']:,} MLP neurons, "
-          f"{torch_threads()} torch threads")
+          f"{r['threads']} torch threads")
     for which, res in results.items():
         print(f"  {which:8s} {res['seconds']:7.1f} s   peak RSS {res['peak_rss_mib']:6.0f} MiB")
     print(f"  of discover: expertise scoring {r['scoring_seconds']:.1f} s (timed again from the cache), "
@@ -116,12 +116,6 @@ def main() -> None:
           f"{r['scoring_seconds'] / (r['sentences'] * r['units']) * 1e9:.2f} ns per sentence x unit "
           f"({r['concepts']} concepts)")
     print(f"ratio discover/plain time: {r['seconds'] / plain['seconds']:.3f}   (goal: 1.05 or less)")
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":
