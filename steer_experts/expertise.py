@@ -29,9 +29,9 @@ for all concepts at once, yields every count:
 
 Everything is integer-exact up to one float64 division per positive. Work
 streams in blocks of ``block_units`` columns; inside a block, chunks of units
-small enough to stay in cache are scored on all CPU cores (numpy releases the
-GIL in these loops). Every number depends only on its own unit's column, so
-block and chunk sizes never change a result.
+small enough to stay in cache are scored on ``threads`` threads at once (numpy
+releases the GIL in these loops). Every number depends only on its own unit's
+column, so block and chunk sizes and thread counts never change a result.
 
 That is also what lets several processes of one run (see
 :mod:`~steer_experts.distributed`) split the units: each scores a fixed range of
