@@ -27,6 +27,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from _common import MEN, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         matrices = []
         for k, groups in enumerate((first, second)):
             view = view_of(groups, row_of, args.n_negatives, args.seed + k)
-            expertise = compute_expertise(responses, view, progress=not args.quiet)
+            expertise = compute_expertise(responses, view, threads=torch.get_num_threads(), progress=not args.quiet)
             rate = float(np.mean(expertise.n_positives / (expertise.n_positives + expertise.n_negatives)))
             matrices.append(similarities(expertise.ap, view.names, args.multiple, rate))
             split_sizes[f"{label} {k}"] = {"concepts": len(view.names), "positives_median":

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .atomic import file_safe
 from .concepts import Concept, ConceptSet
@@ -184,8 +185,9 @@ def held_out_expertise(model: LoadedModel, concepts: ConceptSet, ks: Sequence[in
         whole = concepts.subset([name])  # the sentences discovery saw, so the responses come from the cache
         responses = collect_responses(model, whole.sentences, cache_dir=cache_dir)
         first, second = whole.split(fraction, seed=seed)
-        ap_a = compute_expertise(responses, first.rows(whole.sentences), progress=False).ap[0]
-        held = compute_expertise(responses, second.rows(whole.sentences), progress=False)
+        threads = torch.get_num_threads()  # as discover scores (ExpertSet.from_responses)
+        ap_a = compute_expertise(responses, first.rows(whole.sentences), threads=threads, progress=False).ap[0]
+        held = compute_expertise(responses, second.rows(whole.sentences), threads=threads, progress=False)
         ap_b = held.ap[0]
         chance = float(held.n_positives[0] / (held.n_positives[0] + held.n_negatives[0]))
         order_a, order_b = np.argsort(-ap_a, kind="stable"), np.argsort(-ap_b, kind="stable")
