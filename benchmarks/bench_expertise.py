@@ -17,7 +17,10 @@ work done, which other load on the machine disturbs less).
 Case (b): SmolLM2's real responses to OneSec football (all 46,080 MLP neurons;
 collected on the first run, then read from the response cache).
 
-Usage: python benchmarks/bench_expertise.py [--quick] [--units U] [--sentences N]
+``--device cuda`` times compute_expertise's torch path on that device (the
+default, none, is its numpy path on every CPU core).
+
+Usage: python benchmarks/bench_expertise.py [--quick] [--units U] [--sentences N] [--device D]
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--listed-negatives", type=int, default=1_000)
     parser.add_argument("--reference-units", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="score with torch on this device (default: numpy on the CPU)")
     args = parser.parse_args()
     if args.quick:
         args.units, args.reference_units = 4_096, 24
@@ -119,17 +123,20 @@ def main() -> None:
     reference_units = np.sort(rng.choice(args.units, size=args.reference_units, replace=False))
     for case, concepts in concept_sets(args.sentences, args.concepts, args.listed_negatives, rng).items():
         n_neg = int(np.mean([len(n) for n in concepts.negatives]))
-        compare(responses, concepts, reference_units,
+        compare(responses, concepts, reference_units, args.device,
                 f"case a-{case}: {len(concepts.positives[0])} positives, ~{n_neg} negatives per concept")
     real_responses(args, rng)
 
 
-def compare(responses, concepts, reference_units: np.ndarray, title: str) -> None:
-    """Time ours on every unit and sklearn on ``reference_units``; print throughputs, ratios and max deltas."""
+def compare(responses, concepts, reference_units: np.ndarray, device, title: str) -> None:
+    """Time ours on every unit (on ``device``, or with numpy where None) and sklearn on
+    ``reference_units``; print throughputs, ratios and max deltas."""
     n_units, n_concepts = responses.shape[1], len(concepts.names)
     pairs = n_units * n_concepts
+    if device is not None:  # the first torch call on a device sets its kernels up (3 s on this CPU)
+        compute_expertise(responses.columns(0, 8), concepts, device=device, progress=False)
     wall, cpu = time.perf_counter(), time.process_time()
-    ours = compute_expertise(responses, concepts, progress=False)
+    ours = compute_expertise(responses, concepts, device=device, progress=False)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     ref = sklearn_reference(responses, concepts, reference_units)
@@ -167,7 +174,7 @@ def real_responses(args, rng: np.random.Generator) -> None:
     print(f"\n(b) real SmolLM2 responses: {responses.n_sentences} OneSec sentences x {responses.n_units} "
           f"MLP neurons, OneSec football (700 positives, 1000 listed negatives)")
     reference_units = np.sort(rng.choice(responses.n_units, size=args.reference_units, replace=False))
-    compare(responses, concepts, reference_units, "case b")
+    compare(responses, concepts, reference_units, args.device, "case b")
 
 
 if __name__ == "__main__":

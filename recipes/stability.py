@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from _common import MEN, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.discovery import discover  # noqa: E402
-from steer_experts.expertise import compute_expertise  # noqa: E402
+from steer_experts.expertise import compute_expertise, scoring_device  # noqa: E402
 from steer_experts.experts import ExpertSet  # noqa: E402
 from steer_experts.figures import save_figure  # noqa: E402
 from steer_experts.lens.organisation import size_confound, styles_of, view_of  # noqa: E402
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         matrices = []
         for k, groups in enumerate((first, second)):
             view = view_of(groups, row_of, args.n_negatives, args.seed + k)
-            expertise = compute_expertise(responses, view, threads=torch.get_num_threads(), progress=not args.quiet)
+            expertise = compute_expertise(responses, view, threads=torch.get_num_threads(),
+                                          device=scoring_device(model.device), progress=not args.quiet)
             rate = float(np.mean(expertise.n_positives / (expertise.n_positives + expertise.n_negatives)))
             matrices.append(similarities(expertise.ap, view.names, args.multiple, rate))
             split_sizes[f"{label} {k}"] = {"concepts": len(view.names), "positives_median":

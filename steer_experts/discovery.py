@@ -36,7 +36,7 @@ import torch
 from .atomic import file_safe
 from .concepts import Concept, ConceptSet
 from .errors import InvalidArgumentError
-from .expertise import compute_expertise
+from .expertise import compute_expertise, scoring_device
 from .experts import CONFIG_NAME, ExpertSet
 from .models import LoadedModel, cache_root
 from .responses import collect_responses
@@ -185,9 +185,10 @@ def held_out_expertise(model: LoadedModel, concepts: ConceptSet, ks: Sequence[in
         whole = concepts.subset([name])  # the sentences discovery saw, so the responses come from the cache
         responses = collect_responses(model, whole.sentences, cache_dir=cache_dir)
         first, second = whole.split(fraction, seed=seed)
-        threads = torch.get_num_threads()  # as discover scores (ExpertSet.from_responses)
-        ap_a = compute_expertise(responses, first.rows(whole.sentences), threads=threads, progress=False).ap[0]
-        held = compute_expertise(responses, second.rows(whole.sentences), threads=threads, progress=False)
+        # as discover scores (ExpertSet.from_responses)
+        where = dict(threads=torch.get_num_threads(), device=scoring_device(model.device), progress=False)
+        ap_a = compute_expertise(responses, first.rows(whole.sentences), **where).ap[0]
+        held = compute_expertise(responses, second.rows(whole.sentences), **where)
         ap_b = held.ap[0]
         chance = float(held.n_positives[0] / (held.n_positives[0] + held.n_negatives[0]))
         order_a, order_b = np.argsort(-ap_a, kind="stable"), np.argsort(-ap_b, kind="stable")

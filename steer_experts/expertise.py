@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -54,6 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .distributed import team
+from .errors import InvalidArgumentError
 
 # Each chunk's working arrays stay near this many elements, to stay in cache.
 _CHUNK_ELEMENTS = 1 << 17
@@ -116,7 +118,7 @@ class Expertise:
 
 def compute_expertise(
     responses, concepts: LabelledRows, *, block_units: int = 2048, threads: int | None = None,
-    progress: bool = True,
+    device=None, progress: bool = True,
 ) -> Expertise:
     """Score every unit as a detector of every concept.
 
@@ -127,6 +129,13 @@ def compute_expertise(
     per concept i, row indices ``.positive_indices(i)`` and
     ``.negative_indices(i)`` (disjoint). ``threads`` scoring threads run at
     once (default: one per CPU this process may run on).
+
+    ``device`` None scores with numpy on the CPU, as above (the fastest there).
+    A torch device (``"cuda"``, ``"cuda:1"``, or ``"cpu"``) scores each block
+    there with torch instead, in chunks of units sized to the device's free
+    memory (see :class:`_DeviceScorer`). Its AP and AUROC stay within 1e-12 of
+    the numpy path's (the float64 sums run in another order), its percentiles
+    are equal bit for bit, and its means within float32 rounding.
 
     Returns an :class:`Expertise` whose ``ap`` / ``auroc`` equal sklearn's
     ``average_precision_score`` / ``roc_auc_score`` per unit and concept, whose
@@ -148,9 +157,11 @@ def compute_expertise(
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     (n_rows, n_units), read_columns = _column_source(responses)
     plan = _Plan(_evaluation_sets(concepts, n_rows), n_rows)
+    scorer = _threaded_scorer(plan, threads) if device is None else nullcontext(_DeviceScorer(plan, device))
     members = team()
     units = range(n_units * members.rank // members.size, n_units * (members.rank + 1) // members.size)
-    scores = _score_range(read_columns, plan, n_rows, units, block_units, threads, progress and members.lead)
+    with scorer as score_block:
+        scores = _score_range(read_columns, score_block, plan, n_rows, units, block_units, progress and members.lead)
     if members.size > 1:
         scores = {name: np.concatenate(members.gather(values), axis=1) for name, values in scores.items()}
     return Expertise(
@@ -161,27 +172,43 @@ def compute_expertise(
     )
 
 
-def _score_range(read_columns, plan: _Plan, n_rows: int, units: range, block_units: int, threads: int,
+def scoring_device(model_device):
+    """Where to score expertise for responses of a model on ``model_device`` (a torch device): on that
+    GPU when it is one, else None (numpy on the CPU, the faster path there)."""
+    return model_device if getattr(model_device, "type", None) == "cuda" else None
+
+
+def _score_range(read_columns, score_block, plan: _Plan, n_rows: int, units: range, block_units: int,
                  progress: bool) -> dict[str, np.ndarray]:
-    """Score ``units`` (a range of columns) in blocks of ``block_units`` from its start; each stat as a
-    (C, len(units)) array."""
+    """Score ``units`` (a range of columns) in blocks of ``block_units`` from its start, each block by
+    ``score_block(block, out)``, which fills ``out``'s (C, b) views; each stat as a (C, len(units)) array."""
     scores = _empty_scores(len(plan.names), len(units))
-    chunk = max(1, _CHUNK_ELEMENTS // max(n_rows, plan.entries_per_unit))
-
-    def score_span(block: np.ndarray, start: int, lo: int, hi: int) -> None:
-        for name, values in _score_units(block[:, lo:hi], plan).items():
-            scores[name][:, start - units.start + lo : start - units.start + hi] = values
-
-    with ThreadPoolExecutor(threads) as pool, tqdm(
-        total=len(units), desc="expertise", unit="unit", disable=not progress
-    ) as bar:
+    with tqdm(total=len(units), desc="expertise", unit="unit", disable=not progress) as bar:
         for start in range(units.start, units.stop, block_units):
             stop = min(start + block_units, units.stop)
             block = _read_block(read_columns, start, stop, n_rows)
-            spans = [(lo, min(lo + chunk, stop - start)) for lo in range(0, stop - start, chunk)]
-            list(pool.map(lambda span: score_span(block, start, *span), spans))  # re-raises errors
+            score_block(block, {name: values[:, start - units.start : stop - units.start]
+                                for name, values in scores.items()})
             bar.update(stop - start)
     return scores
+
+
+@contextmanager
+def _threaded_scorer(plan: _Plan, threads: int):
+    """A block scorer that splits the block into chunks small enough to stay in cache, scored with numpy
+    on ``threads`` threads at once."""
+    chunk = max(1, _CHUNK_ELEMENTS // max(plan.n_rows, plan.entries_per_unit))
+
+    def score_block(block: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        def score_span(lo: int, hi: int) -> None:
+            for name, values in _score_units(block[:, lo:hi], plan).items():
+                out[name][:, lo:hi] = values
+
+        spans = [(lo, min(lo + chunk, block.shape[1])) for lo in range(0, block.shape[1], chunk)]
+        list(pool.map(lambda span: score_span(*span), spans))  # re-raises errors
+
+    with ThreadPoolExecutor(threads) as pool:
+        yield score_block
 
 
 def _empty_scores(n_concepts: int, n_units: int) -> dict[str, np.ndarray]:
@@ -285,6 +312,7 @@ class _Plan:
         if n_rows >= 2**28:
             raise ValueError(f"at most 2**28 sentences are supported, got {n_rows}")
         self.names = [s.name for s in sets]
+        self.n_rows = n_rows
         self.n_pos = np.array([len(s.positives) for s in sets], np.int64)
         self.n_neg = np.array([len(s.negatives) for s in sets], np.int64)
         rest = self.n_pos + self.n_neg == n_rows
@@ -548,3 +576,134 @@ def _quantile_columns(n_pos: np.ndarray, pos_start: np.ndarray) -> tuple[np.ndar
     last = pos_start + n_pos - 1  # column of each concept's smallest positive
     ascending = np.stack([(n_pos - 1) // 2, n_pos // 2, p90_lo, p90_hi])
     return (last - ascending).ravel(), n_pos % 2 == 1, virtual - below
+
+
+# --------------------------------------------------------------------------- on a torch device
+
+
+class _DeviceScorer:
+    """The same statistics, computed with torch on ``device`` (a GPU; the CPU too, for tests).
+
+    Each concept's positives (and listed negatives) are padded to the longest
+    concept's count, so that a chunk of b units is a few dense (b, C, P)
+    tensors: ge / gt of every sentence come from one sort and two
+    ``searchsorted`` calls, and TP(i), FP(i) and FP_above(i) from
+    ``searchsorted`` in the concept's sorted ge values (positives with
+    ge_j <= ge_i score >= s_i; negatives with ge_j <= gt_i score > s_i).
+    Padding holds the rank N + 1, above every real one, so it never counts.
+    A chunk holds as many units as fit in a quarter of the device's free
+    memory (256 MiB on the CPU).
+    """
+
+    def __init__(self, plan: _Plan, device):
+        import torch
+
+        from .models import check_device
+
+        self.device = check_device(device)
+        if isinstance(self.device, str) or self.device.type == "mps":
+            raise InvalidArgumentError(
+                f"Expertise cannot be scored on {str(device)!r}: it needs one device with float64 "
+                "(cpu or cuda); pass device=None to score with numpy on the CPU."
+            )
+        self.plan = plan
+
+        def padded(rows: np.ndarray, sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            valid = np.arange(sizes.max()) < sizes[:, None]
+            index = np.zeros(valid.shape, np.int64)
+            index[valid] = rows  # row-major: concept by concept, as ``rows`` is laid out
+            return torch.from_numpy(index).to(self.device), torch.from_numpy(valid).to(self.device)
+
+        self.pos_index, self.pos_valid = padded(plan.positives, plan.n_pos)
+        self.n_pos = torch.from_numpy(plan.n_pos).to(self.device)
+        self.n_neg = torch.from_numpy(plan.n_neg).to(self.device)
+        self.rest_rows = torch.from_numpy(plan.rest_rows).to(self.device)
+        self.listed_rows = torch.from_numpy(plan.listed_rows).to(self.device)
+        if plan.listed_negatives is not None:
+            self.neg_index, self.neg_valid = padded(plan.listed_negatives, plan.n_neg[plan.listed_rows])
+        columns, odd_count, p90_gamma = _quantile_columns(plan.n_pos, np.zeros_like(plan.n_pos))
+        # Columns of each concept's positives sorted from the highest response down.
+        self.quantile_columns = torch.from_numpy(columns.reshape(4, -1).T.copy()).to(self.device)
+        self.odd_count = torch.from_numpy(odd_count).to(self.device)
+        self.p90_gamma = torch.from_numpy(p90_gamma).to(self.device)
+        n_listed_negatives = 0 if plan.listed_negatives is None else self.neg_index.numel()
+        self.bytes_per_unit = 48 * plan.n_rows + 80 * self.pos_index.numel() + 24 * n_listed_negatives
+
+    def chunk_units(self) -> int:
+        """How many units one chunk scores: those whose work fits a quarter of the free memory."""
+        import torch
+
+        if self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] // 4
+        else:
+            budget = 256 << 20
+        return max(1, budget // self.bytes_per_unit)
+
+    def __call__(self, block: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        chunk = self.chunk_units()
+        for lo in range(0, block.shape[1], chunk):
+            hi = min(lo + chunk, block.shape[1])
+            for name, values in self.score(block[:, lo:hi]).items():
+                out[name][:, lo:hi] = values
+
+    def score(self, columns: np.ndarray) -> dict[str, np.ndarray]:
+        """Score the units of an (N, b) float32 column slice; returns each stat as a (C, b) array."""
+        import torch
+
+        n = self.plan.n_rows
+        # One row per unit; adding +0.0 turns -0.0 into +0.0, which sklearn ties with it.
+        x = torch.from_numpy(np.ascontiguousarray(columns.T)).to(self.device) + 0.0
+        values, order = torch.sort(x, dim=1, descending=True, stable=True)
+        ascending = -values
+        ranks = {}
+        for name, right in (("ge", True), ("gt", False)):
+            sorted_rank = torch.searchsorted(ascending, ascending, right=right)
+            ranks[name] = torch.empty_like(sorted_rank).scatter_(1, order, sorted_rank)
+        invalid = ~self.pos_valid
+        ge = ranks["ge"][:, self.pos_index].masked_fill_(invalid, n + 1)  # (b, C, P)
+        gt = ranks["gt"][:, self.pos_index]
+        tp = torch.searchsorted(ge.sort(dim=-1).values, ge, right=True)
+        n_pos, n_neg = self.n_pos.double(), self.n_neg.double()
+        out = {}
+
+        rest, listed = self.rest_rows, self.listed_rows
+        ap = torch.empty(x.shape[0], len(self.plan.names), dtype=torch.float64, device=self.device)
+        auroc = torch.empty_like(ap)
+        if len(rest):
+            precision = (tp[:, rest].double() / ge[:, rest]).masked_fill_(invalid[rest], 0)
+            ap[:, rest] = precision.sum(-1) / n_pos[rest]
+            rank_sum = (ge[:, rest] + gt[:, rest]).masked_fill_(invalid[rest], 0).sum(-1)
+            p = self.n_pos[rest]
+            auroc[:, rest] = (2 * p * n - p * p - rank_sum) / (2 * n_pos[rest] * (n - p))
+        if len(listed):
+            negative_ge = ranks["ge"][:, self.neg_index].masked_fill_(~self.neg_valid, n + 1)
+            negative_ge = negative_ge.sort(dim=-1).values
+            fp = torch.searchsorted(negative_ge, ge[:, listed], right=True)
+            fp_above = torch.searchsorted(negative_ge, gt[:, listed], right=True)
+            tp_l = tp[:, listed]
+            precision = (tp_l.double() / (tp_l + fp)).masked_fill_(invalid[listed], 0)
+            ap[:, listed] = precision.sum(-1) / n_pos[listed]
+            fp_sum = (fp + fp_above).masked_fill_(invalid[listed], 0).sum(-1)
+            p, q = self.n_pos[listed], self.n_neg[listed]
+            auroc[:, listed] = (2 * p * q - fp_sum) / (2 * n_pos[listed] * q)
+        out["ap"], out["auroc"] = ap, auroc
+
+        positives = x[:, self.pos_index]  # (b, C, P)
+        highest_first = positives.masked_fill(invalid, -torch.inf).sort(dim=-1, descending=True).values
+        where = self.quantile_columns.expand(x.shape[0], -1, -1)
+        mid_lo, mid_hi, p90_lo, p90_hi = torch.gather(highest_first, 2, where).unbind(-1)
+        # numpy's arithmetic, step by step (see _positive_percentiles).
+        out["on_p50"] = torch.where(self.odd_count, mid_lo, (mid_lo + mid_hi) / 2)
+        step = p90_hi - p90_lo
+        from_hi = p90_hi - step * (1 - self.p90_gamma).float()
+        from_lo = p90_lo + step * self.p90_gamma.float()
+        out["on_p90"] = torch.where(self.p90_gamma >= 0.5, from_hi, from_lo)
+
+        on_sum = positives.double().masked_fill_(invalid, 0).sum(-1)
+        off_sum = x.double().sum(dim=1, keepdim=True) - on_sum
+        if len(listed):
+            negatives = x[:, self.neg_index].double().masked_fill_(~self.neg_valid, 0)
+            off_sum[:, listed] = negatives.sum(-1)
+        out["on_mean"] = (on_sum / n_pos).float()
+        out["off_mean"] = (off_sum / n_neg).float()
+        return {name: values.T.cpu().numpy() for name, values in out.items()}

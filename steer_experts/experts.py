@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from .atomic import atomic_write, claim_output_folder
 from .concepts import resolve_concept
 from .errors import CorruptFileError, InvalidArgumentError, SteerExpertsError, UnitNotFoundError
-from .expertise import Expertise, compute_expertise
+from .expertise import Expertise, compute_expertise, scoring_device
 from .integrity import STAMP_KEY, check_finite, check_unit_interval, header_metadata, load_verified, stamp
 from .hub import resolve_folder, upload_folder
 from .models import LoadedModel
@@ -131,10 +131,12 @@ class ExpertSet:
         array collected from ``model``'s ``unit_kind`` units) for ``concepts`` (a ``ConceptSet`` over
         the same sentences, or ``ConceptSet.rows(sentences)`` for a subset of them).
 
-        Scores with as many threads as torch computes with (``torch.set_num_threads``, the CLI's
-        ``--threads``), so that processes sharing a machine do not each take every core."""
+        Scores on the model's GPU when it has one (``expertise.scoring_device``); on the CPU with as many
+        threads as torch computes with (``torch.set_num_threads``, the CLI's ``--threads``), so that
+        processes sharing a machine do not each take every core."""
         sites = responses.sites if hasattr(responses, "sites") else locate_units(model.model, unit_kind)
-        expertise = compute_expertise(responses, concepts, threads=torch.get_num_threads(), progress=progress)
+        expertise = compute_expertise(responses, concepts, threads=torch.get_num_threads(),
+                                      device=scoring_device(model.device), progress=progress)
         return cls(expertise, sites, model.name, model.fingerprint, unit_kind, metadata)
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from steer_experts.cli import main
 from steer_experts.concepts import ConceptRows
 from steer_experts.distributed import Team, TeamFailedError, local_device, spawn_team, team
 from steer_experts.errors import InvalidArgumentError
-from steer_experts.expertise import Expertise, _column_source, _Plan, _evaluation_sets, _score_range, compute_expertise
+from steer_experts.expertise import (Expertise, _column_source, _DeviceScorer, _Plan, _evaluation_sets, _score_range,
+                                     _threaded_scorer, compute_expertise)
 from steer_experts.models import CACHE_ENV
 
 from ..conftest import tiny_config
@@ -131,10 +133,12 @@ def test_a_run_that_lost_a_process_resumes_to_the_same_bytes(lone_run, tiny_fold
     assert _files(tmp_path / "cache") == _files(lone_cache)
 
 
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["numpy", "torch"])
 @pytest.mark.parametrize("start, stop", [(0, 13), (1, 12), (5, 6), (3, 13), (0, 0)])
-def test_a_range_of_units_scores_as_in_the_whole(start, stop):
+def test_a_range_of_units_scores_as_in_the_whole(start, stop, device):
     """What each process scores: units start:stop, in blocks from start, equal bit for bit to the
-    same columns scored in one pass, with more sentences than numpy's 8192-element reduction buffer."""
+    same columns scored in one pass, with more sentences than numpy's 8192-element reduction buffer,
+    by numpy and by torch on a device."""
     rng = np.random.default_rng(0)
     n = 9000
     x = rng.standard_normal((n, 13)).astype(np.float32) * 100
@@ -143,10 +147,11 @@ def test_a_range_of_units_scores_as_in_the_whole(start, stop):
     # one concept against every other sentence, one against a listed subset: the two ways of scoring
     concepts = ConceptRows(names=["rest", "listed"], positives=[np.arange(0, 3000), listed[:700]],
                            negatives=[np.arange(3000, n), listed[700:5700]])
-    whole = compute_expertise(x, concepts, progress=False)
+    whole = compute_expertise(x, concepts, device=device, progress=False)
     (n_rows, _), read = _column_source(x)
     plan = _Plan(_evaluation_sets(concepts, n_rows), n_rows)
-    part = _score_range(read, plan, n_rows, range(start, stop), 4, threads=2, progress=False)
+    with _threaded_scorer(plan, 2) if device is None else nullcontext(_DeviceScorer(plan, device)) as score_block:
+        part = _score_range(read, score_block, plan, n_rows, range(start, stop), 4, progress=False)
     for name in Expertise.STATS:
         assert np.array_equal(part[name], getattr(whole, name)[:, start:stop]), name
 

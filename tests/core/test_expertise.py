@@ -10,7 +10,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from steer_experts import expertise
 from steer_experts.concepts import ConceptRows
+from steer_experts.errors import InvalidArgumentError
 from steer_experts.expertise import Expertise, compute_expertise
+
+# Every exactness test runs on both scoring paths: numpy's (device None) and torch's on a device.
+DEVICES = pytest.mark.parametrize("device", [None, "cpu"], ids=["numpy", "torch"])
 
 
 class ColumnStream:
@@ -105,18 +109,20 @@ def tied_case():
     return x, concepts, sklearn_reference(x, concepts)
 
 
-def test_ap_and_auroc_equal_sklearn_with_heavy_ties(tied_case):
+@DEVICES
+def test_ap_and_auroc_equal_sklearn_with_heavy_ties(tied_case, device):
     x, concepts, ref = tied_case
-    got = compute_expertise(x, concepts, progress=False)
+    got = compute_expertise(x, concepts, device=device, progress=False)
     assert got.ap.dtype == np.float64 and got.auroc.dtype == np.float64
     assert got.ap.shape == (len(concepts.names), x.shape[1])
     np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
 
 
-def test_statistics_equal_numpy(tied_case):
+@DEVICES
+def test_statistics_equal_numpy(tied_case, device):
     x, concepts, ref = tied_case
-    got = compute_expertise(x, concepts, progress=False)
+    got = compute_expertise(x, concepts, device=device, progress=False)
     for name in ("on_p50", "on_p90"):
         assert getattr(got, name).dtype == np.float32
         np.testing.assert_array_equal(getattr(got, name), ref[name].astype(np.float32), err_msg=name)
@@ -130,20 +136,22 @@ def test_statistics_equal_numpy(tied_case):
     np.testing.assert_array_equal(got.n_negatives, [len(n) for n in concepts.negatives])
 
 
-def test_percentiles_match_numpy_bit_for_bit_on_continuous_data():
+@DEVICES
+def test_percentiles_match_numpy_bit_for_bit_on_continuous_data(device):
     rng = np.random.default_rng(3)
     n, u = 300, 24
     x = (rng.standard_normal((n, u)) * rng.choice([1e-3, 1.0, 1e3], size=u)).astype(np.float32)
     sizes = [*range(1, 26), 122, 140, 250]
     positives = [rng.choice(n, size=k, replace=False) for k in sizes]
     negatives = [np.setdiff1d(np.arange(n), p)[: 40 if i % 2 else None] for i, p in enumerate(positives)]
-    got = compute_expertise(x, ConceptRows([f"size{k}" for k in sizes], positives, negatives), progress=False)
+    got = compute_expertise(x, ConceptRows([f"size{k}" for k in sizes], positives, negatives), device=device, progress=False)
     for c, pos in enumerate(positives):
         np.testing.assert_array_equal(got.on_p50[c], np.median(x[pos], axis=0))
         np.testing.assert_array_equal(got.on_p90[c], np.percentile(x[pos], 90, axis=0))
 
 
-def test_single_concept_with_constant_units_equals_sklearn(monkeypatch):
+@DEVICES
+def test_single_concept_with_constant_units_equals_sklearn(monkeypatch, device):
     # Units next to each other whose keys coincide must not merge ties across units.
     monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", 100)
     rng = np.random.default_rng(5)
@@ -152,12 +160,13 @@ def test_single_concept_with_constant_units_equals_sklearn(monkeypatch):
     x[:, 2:4] = 1.0
     concepts = ConceptRows(["only"], [np.arange(0, 12)], [np.arange(12, n)])
     ref = sklearn_reference(x, concepts)
-    got = compute_expertise(x, concepts, progress=False)
+    got = compute_expertise(x, concepts, device=device, progress=False)
     np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
 
 
-def test_relu_like_float16_responses_many_units_equal_sklearn(monkeypatch):
+@DEVICES
+def test_relu_like_float16_responses_many_units_equal_sklearn(monkeypatch, device):
     # Many chunks per block and several tie-heavy distributions at once.
     monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", 4000)
     rng = np.random.default_rng(11)
@@ -172,7 +181,7 @@ def test_relu_like_float16_responses_many_units_equal_sklearn(monkeypatch):
         negatives=[np.setdiff1d(np.arange(n), p) for p in parts] + listed,
     )
     ref = sklearn_reference(x, concepts)
-    got = compute_expertise(x, concepts, block_units=17, progress=False)
+    got = compute_expertise(x, concepts, block_units=17, device=device, progress=False)
     np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(got.on_p90, ref["on_p90"], rtol=1e-6, atol=1e-6)
@@ -507,7 +516,8 @@ def test_rest_keys_stay_exact_at_the_int32_limit():
     np.testing.assert_allclose(scores["auroc"][:, 0], (n_rows - ge) / (n_rows - 1), rtol=1e-15)
 
 
-def test_means_are_summed_in_float64():
+@DEVICES
+def test_means_are_summed_in_float64(device):
     """on_mean / off_mean of positives and negatives, all other sentences or a listed subset, equal the
     float64 mean rounded to float32 bit for bit, where float32 sums would drop the small values next
     to 2**26."""
@@ -518,7 +528,7 @@ def test_means_are_summed_in_float64():
     x[[3, 25], 1] = -(2.0**26)
     concepts = ConceptRows(["rest", "listed"], [np.arange(0, 12), np.arange(20, 26)],
                            [np.arange(12, n), np.r_[np.arange(0, 5), np.arange(28, 34)]])
-    got = compute_expertise(x, concepts, progress=False)
+    got = compute_expertise(x, concepts, device=device, progress=False)
     for c in range(2):
         for name, rows in (("on_mean", concepts.positives[c]), ("off_mean", concepts.negatives[c])):
             want = np.mean(x[rows].astype(np.float64), axis=0).astype(np.float32)
@@ -526,14 +536,57 @@ def test_means_are_summed_in_float64():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
-def test_percentiles_near_the_float32_limit_equal_numpy():
+@DEVICES
+def test_percentiles_near_the_float32_limit_equal_numpy(device):
     """Median and 90th percentile of positives responding near +-3e38 (where a sum of two overflows)
     equal numpy's: an odd count's median is its middle value, a single positive's percentile is that
     value."""
     x = np.array([[3e38], [3e38], [3e38], [-3e38], [0.0], [1.0]], np.float32)
     concepts = ConceptRows(["three", "one"], [np.array([0, 1, 2]), np.array([3])],
                            [np.array([3, 4, 5]), np.array([0, 1, 2, 4, 5])])
-    got = compute_expertise(x, concepts, progress=False)
+    got = compute_expertise(x, concepts, device=device, progress=False)
     for c, pos in enumerate(concepts.positives):
         np.testing.assert_array_equal(got.on_p50[c], np.median(x[pos], axis=0), err_msg=c)
         np.testing.assert_array_equal(got.on_p90[c], np.percentile(x[pos], 90, axis=0), err_msg=c)
+
+
+def test_torch_scoring_in_small_chunks_equals_numpy_scoring(tied_case, monkeypatch):
+    """Units scored on a device a few at a time (chunks that do not divide the block) give every
+    statistic of the numpy path: AP within 1e-12 (float64 sums in another order), AUROC and the
+    percentiles bit for bit, and each chunk is scored once."""
+    x, concepts, _ = tied_case
+    numpy_path = compute_expertise(x, concepts, progress=False)
+    chunks = []
+    score = expertise._DeviceScorer.score
+    monkeypatch.setattr(expertise._DeviceScorer, "chunk_units", lambda self: 3)
+    monkeypatch.setattr(expertise._DeviceScorer, "score",
+                        lambda self, columns: chunks.append(columns.shape[1]) or score(self, columns))
+    got = compute_expertise(x, concepts, block_units=16, device="cpu", progress=False)
+    assert chunks == [3, 3, 3, 3, 3, 1] * 2 + [3, 3, 2]
+    np.testing.assert_allclose(got.ap, numpy_path.ap, rtol=0, atol=1e-12)
+    for name in ("auroc", "on_p50", "on_p90"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(numpy_path, name), err_msg=name)
+
+
+def test_device_chunks_fill_a_quarter_of_free_memory_on_cpu_a_fixed_256_mib():
+    rng = np.random.default_rng(0)
+    n = 1000
+    positives = [rng.choice(n, size=k, replace=False) for k in (10, 300)]
+    listed = np.setdiff1d(np.arange(n), positives[1])[:5]
+    concepts = ConceptRows(["a", "b"], positives, [np.setdiff1d(np.arange(n), positives[0]), listed])
+    plan = expertise._Plan(expertise._evaluation_sets(concepts, n), n)
+    scorer = expertise._DeviceScorer(plan, "cpu")
+    # Per unit: 48 bytes a sentence, 80 per padded positive (2 concepts x 300), 24 per padded negative.
+    assert scorer.bytes_per_unit == 48 * n + 80 * 2 * 300 + 24 * 1 * 5
+    assert scorer.chunk_units() == (256 << 20) // scorer.bytes_per_unit
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:7", "CUDA"), ("tpu", "Unknown device"), ("auto", "needs one device with float64"),
+])
+def test_a_device_that_cannot_score_is_refused_before_scoring(tied_case, device, message):
+    x, concepts, _ = tied_case
+    stream = ColumnStream(x)
+    with pytest.raises(InvalidArgumentError, match=message):
+        compute_expertise(stream, concepts, device=device, progress=False)
+    assert stream.requests == []

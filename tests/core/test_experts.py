@@ -245,3 +245,27 @@ def test_from_responses_scores_with_as_many_threads_as_torch(tiny_bos_model, mon
         torch.set_num_threads(before)
     assert handed == [1, 3]
     np.testing.assert_array_equal(found[0].expertise.ap, found[1].expertise.ap)
+
+
+def test_from_responses_scores_on_the_models_gpu_and_with_numpy_beside_a_cpu_model(tiny_bos_model, monkeypatch):
+    """A model on a GPU has its expertise scored on that GPU (compute_expertise's torch path); a model on
+    the CPU with numpy (device None)."""
+    import torch
+
+    from steer_experts import experts
+    from steer_experts.concepts import ConceptRows
+    from steer_experts.expertise import scoring_device
+    from steer_experts.models import LoadedModel
+    from steer_experts.units import locate_units
+
+    handed = []
+    monkeypatch.setattr(experts, "compute_expertise", lambda *a, device=None, **k: handed.append(device) or 1 / 0)
+    n_units = sum(site.width for site in locate_units(tiny_bos_model.model, "mlp"))
+    x = np.zeros((4, n_units), np.float32)
+    concepts = ConceptRows(["c"], [np.arange(2)], [np.arange(2, 4)])
+    for device in ("cpu", "cuda:1"):
+        monkeypatch.setattr(LoadedModel, "device", property(lambda self: torch.device(device)))
+        with pytest.raises(ZeroDivisionError):
+            ExpertSet.from_responses(x, concepts, tiny_bos_model, progress=False)
+    assert handed == [None, torch.device("cuda:1")]
+    assert scoring_device(torch.device("mps")) is None and scoring_device(torch.device("cuda")) == torch.device("cuda")
