@@ -25,6 +25,8 @@ import json
 import os
 import re
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -106,6 +108,34 @@ def run_recipe(main: Callable) -> None:
     except SteerExpertsError as err:
         print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+class Stopwatch:
+    """Wall seconds per stage of a run, for its report (a stage reused from an earlier run takes ~0 s)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        """Time the ``with`` block as stage ``name``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - started
+
+    def summary(self) -> dict:
+        """``{"threads": torch threads, "stages": {name: s}, "total": s since creation}``, rounded to 0.1 s."""
+        return {"threads": torch.get_num_threads(), "stages": {k: round(v, 1) for k, v in self.seconds.items()},
+                "total": round(time.perf_counter() - self.started, 1)}
+
+    def line(self) -> str:
+        """The summary as one report line."""
+        s = self.summary()
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in s["stages"].items())
+        return f"- wall time of this run on {s['threads']} torch threads: {s['total']:.0f} s ({stages})"
 
 
 # --------------------------------------------------------------------------- run folder

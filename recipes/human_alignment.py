@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from _common import (  # noqa: E402
-    MEN, MEN_AGREEMENT, LazyModel, RunFolder, numbers, parse, recipe_parser, run_recipe, write_csv,
+    MEN, MEN_AGREEMENT, LazyModel, RunFolder, Stopwatch, numbers, parse, recipe_parser, run_recipe, write_csv,
 )
 from steer_experts.atomic import atomic_write  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
@@ -380,6 +380,7 @@ def write_report(out: Path, result: dict) -> None:
         "the scoring (their sentences still serve as negatives)",
         f"- ratings `{result['ratings']}`: {result['pairs_available']} pairs have both words among the concepts",
         f"- human ceiling {result['ceiling']:.2f}; bootstrap {result['n_boot']} resamples of pairs, 95% CI",
+        result["wall_line"],
         "", *dev_test_lines(protocol, result["ceiling"]), *curve_lines(result["curve"]),
         "## Every pair (choices made on these same pairs: optimistic)", "",
         "![rho vs tau](alignment.png)", "",
@@ -421,7 +422,9 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = args.ceiling if args.ceiling is not None else agreement_ceiling(args.agreement)
     concepts = ConceptSet.load(args.concepts) if args.concepts else None
     model = LazyModel(args)
-    expert_set = expert_set_for(args, concepts, model)
+    clock = Stopwatch()
+    with clock.stage("experts"):
+        expert_set = expert_set_for(args, concepts, model)
     e = expert_set.expertise
     names = [n for n, p in zip(expert_set.concepts, e.n_positives) if p >= args.min_positives]
     dropped = len(expert_set.concepts) - len(names)
@@ -443,7 +446,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.get(), concepts.subset(expert_set.concepts), encoder=SentenceEncoder(), max_length=args.max_length,
         batch_size=args.batch_size, progress=not args.quiet))
     if not args.no_baselines:
-        baselines = {k: v.subset(names) for k, v in baselines_for(args, vectors).items()}
+        with clock.stage("baselines"):
+            baselines = {k: v.subset(names) for k, v in baselines_for(args, vectors).items()}
         contextual = []
         for key, sim in baselines.items():
             row = alignment_row(key, "baseline", sim, ratings, args, plot=not key.startswith("contextual"))
@@ -475,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = dev_test(rows, matrices, ratings.subset(ratings.pairs_within(names)), args)
     curve = []
     if args.curve and concepts is not None and not args.experts and not args.no_baselines:
-        curve = positive_curve(args, protocol, concepts, expert_set, names, model, vectors)
+        with clock.stage("curve"):
+            curve = positive_curve(args, protocol, concepts, expert_set, names, model, vectors)
         plot_curve(curve, ceiling, out / "curve.png")
     neighbour_method = judged[0]["method"]
     result = {
@@ -490,6 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
         "neighbour_method": neighbour_method,
         "neighbours": matrices[neighbour_method].nearest_table(5),
         "dev_test": {k: v for k, v in protocol.items() if k != "test_ratings"}, "curve": curve,
+        "wall": clock.summary(), "wall_line": clock.line(),
     }
     atomic_write(out / "alignment.json", lambda p: p.write_text(json.dumps(result, indent=1)))
     write_csv(out / "alignment.csv", [{k: r.get(k) for k in ("method", "family", "tau", "multiple", "rho", "low",

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import MEN, RunFolder, parse, recipe_parser, run_recipe  # noqa: E402
+from _common import MEN, RunFolder, Stopwatch, parse, recipe_parser, run_recipe  # noqa: E402
 from steer_experts.concepts import ConceptSet  # noqa: E402
 from steer_experts.discovery import discover  # noqa: E402
 from steer_experts.expertise import compute_expertise, scoring_device  # noqa: E402
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_model, alignment, rows, confound = {}, {}, [], {}
     first_model = None
+    clock = Stopwatch()
     for name in args.models.split(","):
         folder = out / "models" / Path(name).name
         model = None
@@ -109,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
             expert_set = ExpertSet.from_pretrained(folder)
         else:
             print(f"discovering experts in {name}", file=sys.stderr)
-            model = load_model(name, dtype=args.dtype, device=args.device)
-            expert_set = discover(model, concepts, n_negatives=args.n_negatives, seed=args.seed, **collect)
-            expert_set.save_pretrained(folder)
+            with clock.stage(f"discover {name}"):
+                model = load_model(name, dtype=args.dtype, device=args.device)
+                expert_set = discover(model, concepts, n_negatives=args.n_negatives, seed=args.seed, **collect)
+                expert_set.save_pretrained(folder)
         e = expert_set.expertise
         rate = float(np.mean(e.n_positives / (e.n_positives + e.n_negatives)))
         per_model[name] = similarities(e.ap, expert_set.concepts, args.multiple, rate)
@@ -132,37 +134,38 @@ def main(argv: list[str] | None = None) -> dict:
                          and r["method"] == method), out / f"models_{i}_{j}.png")
 
     # Data splits on the first model: one response matrix, expertise per split.
-    name, model = first_model
-    model = model or load_model(name, dtype=args.dtype, device=args.device)
-    responses = collect_responses(model, sampled.sentences, **collect)
-    row_of = {s: i for i, s in enumerate(sampled.sentences)}
-    splits = {}
-    half_a, half_b = concepts.split(0.5, seed=args.seed)
-    splits["halves"] = ({c.name: list(c.positives) for c in half_a.concepts},
-                        {c.name: list(c.positives) for c in half_b.concepts})
-    styles = styles_of(Path(args.concepts))
-    if {"facts", "stories"} <= set(styles):
-        splits["facts vs stories"] = (styles["facts"], styles["stories"])
-    split_sizes = {}
-    for label, (first, second) in splits.items():
-        matrices = []
-        for k, groups in enumerate((first, second)):
-            view = view_of(groups, row_of, args.n_negatives, args.seed + k)
-            expertise = compute_expertise(responses, view, threads=torch.get_num_threads(),
-                                          device=scoring_device(model.device), progress=not args.quiet)
-            rate = float(np.mean(expertise.n_positives / (expertise.n_positives + expertise.n_negatives)))
-            matrices.append(similarities(expertise.ap, view.names, args.multiple, rate))
-            split_sizes[f"{label} {k}"] = {"concepts": len(view.names), "positives_median":
-                                           float(np.median(expertise.n_positives))}
-        rows += compare(f"data: {label}", matrices[0], matrices[1], args)
-        method = "ap cosine centred"
-        scatter(matrices[0][method], matrices[1][method], f"{label}: first", f"{label}: second",
-                next(r["rho"] for r in rows if r["comparison"] == f"data: {label}" and r["method"] == method),
-                out / f"data_{label.replace(' ', '_')}.png")
+    with clock.stage("data splits"):
+        name, model = first_model
+        model = model or load_model(name, dtype=args.dtype, device=args.device)
+        responses = collect_responses(model, sampled.sentences, **collect)
+        row_of = {s: i for i, s in enumerate(sampled.sentences)}
+        splits = {}
+        half_a, half_b = concepts.split(0.5, seed=args.seed)
+        splits["halves"] = ({c.name: list(c.positives) for c in half_a.concepts},
+                            {c.name: list(c.positives) for c in half_b.concepts})
+        styles = styles_of(Path(args.concepts))
+        if {"facts", "stories"} <= set(styles):
+            splits["facts vs stories"] = (styles["facts"], styles["stories"])
+        split_sizes = {}
+        for label, (first, second) in splits.items():
+            matrices = []
+            for k, groups in enumerate((first, second)):
+                view = view_of(groups, row_of, args.n_negatives, args.seed + k)
+                expertise = compute_expertise(responses, view, threads=torch.get_num_threads(),
+                                              device=scoring_device(model.device), progress=not args.quiet)
+                rate = float(np.mean(expertise.n_positives / (expertise.n_positives + expertise.n_negatives)))
+                matrices.append(similarities(expertise.ap, view.names, args.multiple, rate))
+                split_sizes[f"{label} {k}"] = {"concepts": len(view.names), "positives_median":
+                                               float(np.median(expertise.n_positives))}
+            rows += compare(f"data: {label}", matrices[0], matrices[1], args)
+            method = "ap cosine centred"
+            scatter(matrices[0][method], matrices[1][method], f"{label}: first", f"{label}: second",
+                    next(r["rho"] for r in rows if r["comparison"] == f"data: {label}" and r["method"] == method),
+                    out / f"data_{label.replace(' ', '_')}.png")
 
     result = {"models": names, "multiple": args.multiple, "rows": rows, "alignment": alignment,
               "positive_count_confound": confound,
-              "split_sizes": split_sizes, "n_concepts": len(concepts)}
+              "split_sizes": split_sizes, "n_concepts": len(concepts), "wall": clock.summary()}
     run.write("stability.json", result)
     lines = ["# Stability of expert-overlap similarity", "",
              f"{len(concepts)} concepts; rho: Spearman between two similarity matrices' distinct pairs; "
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         rho = "undefined" if r["rho"] is None else f"{r['rho']:.3f}"
         pv = "" if r["p_value"] is None else f"{r['p_value']:.3g}"
         lines.append(f"| {r['comparison']} | {r['method']} | {r['concepts']} | {r['n_pairs']} | {rho} | {pv} |")
-    lines += ["", "Split sizes: " + "; ".join(f"{k}: {v['concepts']} concepts, median {v['positives_median']:.0f} "
+    lines += ["", clock.line(), "", "Split sizes: " + "; ".join(f"{k}: {v['concepts']} concepts, median {v['positives_median']:.0f} "
                                              f"positives" for k, v in split_sizes.items())]
     lines += ["", "## Does a similarity just track the concepts' positive counts?", "",
               "Spearman rho between each model's similarity and log P_a + log P_b over the pairs (near 0 is good; "

@@ -90,6 +90,13 @@ def test_alignment_outputs_exist(alignment):
     assert json.loads((out / "alignment.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert len(read_csv(out / "alignment.csv")) == len(result["rows"])
     assert result["ceiling"] == 0.84
+    # The report says how long each stage took, on how many threads.
+    wall = result["wall"]
+    assert list(wall["stages"]) == ["experts", "baselines", "curve"]
+    assert wall["threads"] == torch.get_num_threads()
+    assert 0 < sum(wall["stages"].values()) <= wall["total"] + 0.2
+    assert f"wall time of this run on {wall['threads']} torch threads: {wall['total']:.0f} s" in (
+        out / "report.md").read_text()
 
 
 def test_alignment_numbers_are_consistent(alignment, words):
@@ -188,7 +195,8 @@ def test_stability(concept_folder, tiny_folder, tokenizer, tmp_path):
     assert row["rho"] == pytest.approx(spearmanr(*upper).statistic)
     assert result["split_sizes"]["halves 0"]["positives_median"] == 3
     assert result["split_sizes"]["facts vs stories 1"]["positives_median"] == 3
-    assert (out / "report.md").stat().st_size > 0
+    assert list(result["wall"]["stages"]) == [f"discover {tiny_folder}", f"discover {gemma}", "data splits"]
+    assert "wall time of this run" in (out / "report.md").read_text()
 
 
 def test_alignment_min_positives_leaves_concepts_out(alignment):
