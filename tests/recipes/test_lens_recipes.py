@@ -179,7 +179,7 @@ def test_stability(concept_folder, tiny_folder, tokenizer, tmp_path):
     result = recipe("stability").main([
         "--out", str(out), "--concepts", str(concept_folder), "--models", f"{tiny_folder},{gemma}",
         "--ratings", str(MEN_FILE), "--n-negatives", "30", "--n-perm", "50", "--cache-dir", str(tmp_path / "cache"),
-        "--quiet"])
+        "--top-k", "5", "--quiet"])
     comparisons = {r["comparison"] for r in result["rows"]}
     assert comparisons == {f"models: {tiny_folder} vs {gemma}", "data: halves", "data: facts vs stories"}
     for r in result["rows"]:
@@ -193,6 +193,13 @@ def test_stability(concept_folder, tiny_folder, tokenizer, tmp_path):
         upper.append((unit @ unit.T)[np.triu_indices(len(es.concepts), k=1)])
     row = next(r for r in result["rows"] if r["comparison"].startswith("models") and r["method"] == "ap cosine centred")
     assert row["rho"] == pytest.approx(spearmanr(*upper).statistic)
+    overlaps = []
+    for es in sets:  # top-5 Jaccard from Python sets of unit indices
+        tops = [set(np.argsort(-ap, kind="stable")[:5].tolist()) for ap in es.expertise.ap]
+        overlaps.append([len(tops[i] & tops[j]) / len(tops[i] | tops[j])
+                         for i in range(len(tops)) for j in range(i + 1, len(tops))])
+    row = next(r for r in result["rows"] if r["comparison"].startswith("models") and r["method"] == "jaccard top k=5")
+    assert row["rho"] == pytest.approx(spearmanr(*overlaps).statistic)
     assert result["split_sizes"]["halves 0"]["positives_median"] == 3
     assert result["split_sizes"]["facts vs stories 1"]["positives_median"] == 3
     assert list(result["wall"]["stages"]) == [f"discover {tiny_folder}", f"discover {gemma}", "data splits"]
