@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
         rate = float(np.mean(e.n_positives / (e.n_positives + e.n_negatives)))
         per_model[name] = similarities(e.ap, expert_set.concepts, args.multiple, rate, args.top_k)
         counts = dict(zip(expert_set.concepts, e.n_positives.tolist()))
-        confound[name] = {m: size_confound(sim, counts) for m, sim in per_model[name].items()}
+        # None: equal counts everywhere, so there is nothing for a similarity to track.
+        confound[name] = (None if len(set(counts.values())) == 1
+                          else {m: size_confound(sim, counts) for m, sim in per_model[name].items()})
         if ratings is not None:
             alignment[name] = {m: human_alignment(s, ratings, n_boot=1000, seed=args.seed).to_dict()
                                for m, s in per_model[name].items()}
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
               "Spearman rho between each model's similarity and log P_a + log P_b over the pairs (near 0 is good; "
               "a similarity that tracks the counts is stable for that reason alone):", ""]
     for name, methods in confound.items():
-        if all(v is None for v in methods.values()):
+        if methods is None:
             lines.append(f"- {name}: undefined: every concept has the same number of positives, so the counts "
                          "cannot explain any similarity")
         else:

@@ -202,6 +202,10 @@ def test_stability(concept_folder, tiny_folder, tokenizer, tmp_path):
     assert row["rho"] == pytest.approx(spearmanr(*overlaps).statistic)
     assert result["split_sizes"]["halves 0"]["positives_median"] == 3
     assert result["split_sizes"]["facts vs stories 1"]["positives_median"] == 3
+    # Every concept of the fixture has the same positives, so there is no count for a similarity to track.
+    assert all(len(set(es.expertise.n_positives.tolist())) == 1 for es in sets)
+    assert result["positive_count_confound"] == {str(tiny_folder): None, str(gemma): None}
+    assert "every concept has the same number of positives" in (out / "report.md").read_text()
     assert list(result["wall"]["stages"]) == [f"discover {tiny_folder}", f"discover {gemma}", "data splits"]
     assert "wall time of this run" in (out / "report.md").read_text()
 
