@@ -18,7 +18,7 @@ Case (b): SmolLM2's real responses to OneSec football (all 46,080 MLP neurons;
 collected on the first run, then read from the response cache).
 
 ``--device cuda`` times compute_expertise's torch path on that device (the
-default, none, is its numpy path on every CPU core).
+default, none, is its compiled kernel on every CPU core).
 
 Usage: python benchmarks/bench_expertise.py [--quick] [--units U] [--sentences N] [--device D]
 """
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--listed-negatives", type=int, default=1_000)
     parser.add_argument("--reference-units", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="score with torch on this device (default: numpy on the CPU)")
+    parser.add_argument("--device", default=None, help="score with torch on this device (default: the compiled kernel on the CPU)")
     args = parser.parse_args()
     if args.quick:
         args.units, args.reference_units = 4_096, 24

@@ -13,8 +13,8 @@ from steer_experts.concepts import ConceptRows
 from steer_experts.errors import InvalidArgumentError
 from steer_experts.expertise import Expertise, compute_expertise
 
-# Every exactness test runs on both scoring paths: numpy's (device None) and torch's on a device.
-DEVICES = pytest.mark.parametrize("device", [None, "cpu"], ids=["numpy", "torch"])
+# Every exactness test runs on both scoring paths: the compiled CPU kernel (device None) and torch on a device.
+DEVICES = pytest.mark.parametrize("device", [None, "cpu"], ids=["kernel", "torch"])
 
 
 class ColumnStream:
@@ -187,15 +187,6 @@ def test_relu_like_float16_responses_many_units_equal_sklearn(monkeypatch, devic
     np.testing.assert_allclose(got.on_p90, ref["on_p90"], rtol=1e-6, atol=1e-6)
 
 
-def test_wide_keys_give_the_same_result(tied_case, monkeypatch):
-    # Many concepts x sentences switch the sort keys to int64; force that path.
-    x, concepts, ref = tied_case
-    monkeypatch.setattr(expertise, "_key_dtype", lambda n_concepts, n_rows: np.int64)
-    got = compute_expertise(x, concepts, progress=False)
-    np.testing.assert_allclose(got.ap, ref["ap"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(got.auroc, ref["auroc"], rtol=0, atol=1e-12)
-
-
 def test_stream_and_block_size_give_identical_results(tied_case, monkeypatch):
     x, concepts, _ = tied_case
     whole = compute_expertise(x, concepts, progress=False)
@@ -308,25 +299,15 @@ def test_a_column_source_of_the_wrong_shape_is_named():
     assert str(err.value) == "responses.columns(0, 8) returned shape (20, 7), expected (20, 8)"
 
 
-def test_more_than_2_28_sentences_are_refused_before_reading():
-    """The sort keys pack a sentence rank into 28 bits: 2**28 sentences are one too many, said before any
-    response is read."""
+def test_2_31_sentences_are_refused_before_reading():
+    """The sort keys pack a sentence index into an int32: 2**31 sentences are one too many, said before
+    any response is read."""
     def never(start, stop):
         raise AssertionError("responses were read")
     with pytest.raises(ValueError) as err:
-        compute_expertise(_Columns((2**28, 4), never), ConceptRows(["football"], [np.arange(4)], [np.arange(4, 8)]),
+        compute_expertise(_Columns((2**31, 4), never), ConceptRows(["football"], [np.arange(4)], [np.arange(4, 8)]),
                           progress=False)
-    assert str(err.value) == f"at most 2**28 sentences are supported, got {2**28}"
-
-
-@pytest.mark.parametrize("n_concepts", [1, 3, 7])
-@pytest.mark.parametrize("step", [-2, -1, 0, 1, 2])
-def test_sort_keys_fit_their_integer_type(n_concepts, step):
-    """The keys 4 ((N + 1) c + rank) + code, rank <= N, code <= 3, reach 4 (N + 1) C - 1: the integer
-    type chosen for them holds that, for N around the int32 limit."""
-    n_rows = 2**31 // (4 * n_concepts) - 1 + step
-    largest_key = 4 * (n_rows + 1) * n_concepts - 1
-    assert np.iinfo(expertise._key_dtype(n_concepts, n_rows)).max >= largest_key
+    assert str(err.value) == f"at most 2**31 - 1 sentences are supported, got {2**31}"
 
 
 def test_unknown_concept_lists_the_known_ones():
@@ -458,8 +439,8 @@ def test_scoring_threads_are_one_per_usable_cpu_unless_given(monkeypatch):
 
 
 def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkeypatch):
-    """Inside a block, units are scored in chunks of _CHUNK_ELEMENTS // max(N, entries per unit) units
-    (at least one), each unit exactly once; the result does not depend on the chunking."""
+    """Inside a block, units are scored in chunks of _CHUNK_ELEMENTS // N units (at least one), each unit
+    exactly once; the result does not depend on the chunking."""
     widths = []
     score_units = expertise._score_units
 
@@ -468,7 +449,7 @@ def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkey
         return score_units(columns, plan)
 
     x = np.random.default_rng(9).integers(0, 3, size=(20, 7)).astype(np.float32)
-    concepts = ConceptRows(["rest"], [np.arange(5)], [np.arange(5, 20)])  # 5 entries per unit < N = 20
+    concepts = ConceptRows(["rest"], [np.arange(5)], [np.arange(5, 20)])
     whole = compute_expertise(x, concepts, progress=False)
     monkeypatch.setattr(expertise, "_score_units", recording)
     for budget, expected in ((60, [2, 2, 3]), (1, [1] * 7)):  # chunks of 3 units, then of 1
@@ -480,40 +461,20 @@ def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkey
             np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
 
 
-def test_concepts_against_all_other_sentences_take_one_entry_per_positive():
-    """A concept whose negatives are every other sentence is scored from one sort entry per positive;
-    one with a listed subset of negatives from 2 per positive and 1 per negative."""
+def test_the_walk_reads_each_sentences_concepts_and_counts_rest_negatives_implicitly():
+    """The scoring walk finds, per sentence, the concepts it is a positive of and the listed concepts it
+    is a negative of; a concept against all other sentences lists no negatives."""
     concepts = ConceptRows(["listed", "rest"], [np.array([0, 1]), np.array([2, 3, 4])],
                            [np.array([5, 6, 7, 8]), np.array([0, 1, 5, 6, 7, 8, 9])])
     plan = expertise._Plan(expertise._evaluation_sets(concepts, 10), 10)
     assert list(plan.rest_rows) == [1] and list(plan.listed_rows) == [0]
-    assert plan.entries_per_unit == 3 + (2 * 2 + 4)
 
+    def concepts_of(memberships):
+        start, concept = memberships
+        return [sorted(concept[start[s]:start[s + 1]].tolist()) for s in range(10)]
 
-@pytest.mark.parametrize("n_concepts", [1, 3, 7])
-def test_sort_keys_are_int32_wherever_they_fit(n_concepts):
-    """The keys take the smaller int32 type (half the sort's memory) up to the largest N whose keys fit
-    it, and for any ordinary size."""
-    n_rows = (2**31 - 1) // (4 * n_concepts) - 1  # the largest N with 4 (N + 1) C < 2**31
-    assert expertise._key_dtype(n_concepts, n_rows) is np.int32
-    assert expertise._key_dtype(n_concepts, 150) is np.int32
-
-
-def test_rest_keys_stay_exact_at_the_int32_limit():
-    """Seven concepts against all other sentences, at the largest N whose keys _key_dtype still packs in
-    int32, each with one positive among the 7 lowest responses (concept 6's the lowest: the largest key).
-    AP is 1 / (its rank) and AUROC the share of negatives below it, as for any N."""
-    n_rows = (2**31 - 1) // 28 - 1
-    assert expertise._key_dtype(7, n_rows) is np.int32 and expertise._key_dtype(7, n_rows + 1) is np.int64
-    none = np.array([], np.int64)
-    rest = expertise._RestConcepts([expertise._EvaluationSet(f"c{c}", np.array([c]), none) for c in range(7)],
-                                   n_rows)
-    ge = n_rows - 6 + np.arange(7)  # sentence c: the (N - 6 + c)-th highest, alone in its tie group
-    ranks = np.stack([4 * (ge - 1), 4 * ge], axis=1).reshape(1, 14).astype(np.int32)
-    got_ge, scores = rest.score(ranks)
-    np.testing.assert_array_equal(got_ge[0], ge)
-    np.testing.assert_allclose(scores["ap"][:, 0], 1 / ge, rtol=1e-15)
-    np.testing.assert_allclose(scores["auroc"][:, 0], (n_rows - ge) / (n_rows - 1), rtol=1e-15)
+    assert concepts_of(plan.positive_of) == [[0], [0], [1], [1], [1], [], [], [], [], []]
+    assert concepts_of(plan.negative_of) == [[], [], [], [], [], [0], [0], [0], [0], []]
 
 
 @DEVICES
@@ -550,12 +511,12 @@ def test_percentiles_near_the_float32_limit_equal_numpy(device):
         np.testing.assert_array_equal(got.on_p90[c], np.percentile(x[pos], 90, axis=0), err_msg=c)
 
 
-def test_torch_scoring_in_small_chunks_equals_numpy_scoring(tied_case, monkeypatch):
+def test_torch_scoring_in_small_chunks_equals_kernel_scoring(tied_case, monkeypatch):
     """Units scored on a device a few at a time (chunks that do not divide the block) give every
-    statistic of the numpy path: AP within 1e-12 (float64 sums in another order), AUROC and the
+    statistic of the CPU kernel: AP within 1e-12 (float64 sums in another order), AUROC and the
     percentiles bit for bit, and each chunk is scored once."""
     x, concepts, _ = tied_case
-    numpy_path = compute_expertise(x, concepts, progress=False)
+    kernel_path = compute_expertise(x, concepts, progress=False)
     chunks = []
     score = expertise._DeviceScorer.score
     monkeypatch.setattr(expertise._DeviceScorer, "chunk_units", lambda self: 3)
@@ -563,9 +524,9 @@ def test_torch_scoring_in_small_chunks_equals_numpy_scoring(tied_case, monkeypat
                         lambda self, columns: chunks.append(columns.shape[1]) or score(self, columns))
     got = compute_expertise(x, concepts, block_units=16, device="cpu", progress=False)
     assert chunks == [3, 3, 3, 3, 3, 1] * 2 + [3, 3, 2]
-    np.testing.assert_allclose(got.ap, numpy_path.ap, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.ap, kernel_path.ap, rtol=0, atol=1e-12)
     for name in ("auroc", "on_p50", "on_p90"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(numpy_path, name), err_msg=name)
+        np.testing.assert_array_equal(getattr(got, name), getattr(kernel_path, name), err_msg=name)
 
 
 def test_device_chunks_fill_a_quarter_of_free_memory_on_cpu_a_fixed_256_mib():
