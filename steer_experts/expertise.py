@@ -388,6 +388,15 @@ def _sort_descending(row, keys, order, spare_keys, spare_order, digits):  # prag
     return keys, order
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _meet_negative(s, value, negative_start, negative_of, neg_seen, off_sum):  # pragma: no cover - compiled
+    """Count sentence ``s``, responding ``value``, as a negative of every concept that lists it."""
+    for m in range(negative_start[s], negative_start[s + 1]):
+        c = negative_of[m]
+        neg_seen[c] += 1
+        off_sum[c] += value
+
+
 @numba.njit(nogil=True, cache=True)
 def _walk_units(columns, positive_start, positive_of, negative_start, negative_of, listed, n_pos, n_neg,
                 quantile_places, ap, auroc, quantiles, on_mean, off_mean):  # pragma: no cover - compiled
@@ -443,10 +452,7 @@ def _walk_units(columns, positive_start, positive_of, negative_start, negative_o
                 s = order[start]
                 value = row[s]
                 total += value
-                for m in range(negative_start[s], negative_start[s + 1]):
-                    c = negative_of[m]
-                    neg_seen[c] += 1
-                    off_sum[c] += value
+                _meet_negative(s, value, negative_start, negative_of, neg_seen, off_sum)
                 for m in range(positive_start[s], positive_start[s + 1]):
                     c = positive_of[m]
                     place = pos_seen[c]
@@ -468,10 +474,7 @@ def _walk_units(columns, positive_start, positive_of, negative_start, negative_o
                 s = order[k]
                 value = row[s]
                 total += value
-                for m in range(negative_start[s], negative_start[s + 1]):
-                    c = negative_of[m]
-                    neg_seen[c] += 1
-                    off_sum[c] += value
+                _meet_negative(s, value, negative_start, negative_of, neg_seen, off_sum)
                 for m in range(positive_start[s], positive_start[s + 1]):
                     c = positive_of[m]
                     place = pos_seen[c]
