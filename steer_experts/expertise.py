@@ -307,8 +307,6 @@ class _Plan:
     """
 
     def __init__(self, sets: list[_EvaluationSet], n_rows: int):
-        if n_rows >= 2**31:
-            raise ValueError(f"at most 2**31 - 1 sentences are supported, got {n_rows}")
         self.names = [s.name for s in sets]
         self.n_rows = n_rows
         self.n_pos = np.array([len(s.positives) for s in sets], np.int64)

@@ -299,17 +299,6 @@ def test_a_column_source_of_the_wrong_shape_is_named():
     assert str(err.value) == "responses.columns(0, 8) returned shape (20, 7), expected (20, 8)"
 
 
-def test_2_31_sentences_are_refused_before_reading():
-    """The sort keys pack a sentence index into an int32: 2**31 sentences are one too many, said before
-    any response is read."""
-    def never(start, stop):
-        raise AssertionError("responses were read")
-    with pytest.raises(ValueError) as err:
-        compute_expertise(_Columns((2**31, 4), never), ConceptRows(["football"], [np.arange(4)], [np.arange(4, 8)]),
-                          progress=False)
-    assert str(err.value) == f"at most 2**31 - 1 sentences are supported, got {2**31}"
-
-
 def test_unknown_concept_lists_the_known_ones():
     found = compute_expertise(np.random.default_rng(0).normal(size=(12, 3)), _two_concepts(12), progress=False)
     with pytest.raises(KeyError) as err:
