@@ -255,12 +255,30 @@ class _Pooler:
             for i, s in enumerate(sites)
         ]
 
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Pool the next batch over the tokens ``mask`` (batch, tokens, bool) keeps."""
+        self.mask = mask
+        # Batches hold sentences of similar lengths, so most tokens are kept in every sentence: max-pooling
+        # those with a plain amax, and masking only the others, costs a fifth of masking them all.
+        kept = mask.all(dim=0).tolist()
+        start = kept.index(True) if True in kept else len(kept)
+        stop = start
+        while stop < len(kept) and kept[stop]:
+            stop += 1
+        self.everywhere = (start, stop)
+        self.ragged = [(a, b) for a, b in ((0, start), (stop, len(kept))) if b > a]
+
     def _hook(self, offset: int, width: int):
         def pool(_module, args):
             x = args[0]
             mask = self.mask[..., None]
             if self.pooling == "max":
-                pooled = x.masked_fill(~mask, float("-inf")).amax(dim=1)
+                start, stop = self.everywhere
+                parts = [x[:, start:stop]] if stop > start else []
+                parts += [x[:, a:b].masked_fill(~mask[:, a:b], float("-inf")) for a, b in self.ragged]
+                pooled = parts[0].amax(dim=1)
+                for part in parts[1:]:
+                    pooled = torch.maximum(pooled, part.amax(dim=1))
             else:
                 pooled = (x * mask).sum(dim=1) / mask.sum(dim=1)
             self.out[:, offset:offset + width] = pooled.float()
@@ -373,7 +391,7 @@ def _fill_shards(model: LoadedModel, sentences: Sequence[str], responses: Respon
                 enc = _encode(model.tokenizer, [sentences[r] for r in batch], max_length).to(device)
                 # Special tokens (BOS, pad) are not the sentence: their activations are
                 # sentence-independent and would set a floor under every max.
-                pooler.mask = enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special)
+                pooler.set_mask(enc["attention_mask"].bool() & ~torch.isin(enc["input_ids"], special))
                 empty = (~pooler.mask.any(dim=1)).nonzero().flatten().tolist()
                 if empty:
                     raise InvalidArgumentError(f"Sentence {sentences[batch[empty[0]]]!r} has only special tokens; remove it.")

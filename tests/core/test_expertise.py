@@ -14,7 +14,18 @@ from steer_experts.errors import InvalidArgumentError
 from steer_experts.expertise import Expertise, compute_expertise
 
 # Every exactness test runs on both scoring paths: the compiled CPU kernel (device None) and torch on a device.
-DEVICES = pytest.mark.parametrize("device", [None, "cpu"], ids=["kernel", "torch"])
+# Each exactness test runs on both CPU kernels (forced, whichever _walk_is_cheaper would pick) and on torch.
+DEVICES = pytest.mark.parametrize("device", ["walk", "merge", "torch"], indirect=True)
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    """The device argument for compute_expertise: None with the CPU kernel named by the parameter forced,
+    or "cpu" for torch."""
+    if request.param == "torch":
+        return "cpu"
+    monkeypatch.setattr(expertise, "_walk_is_cheaper", lambda *counts: request.param == "walk")
+    return None
 
 
 class ColumnStream:
@@ -402,15 +413,16 @@ def test_a_second_process_scores_its_half_and_gathers_the_whole(monkeypatch, cap
 
 def test_scoring_threads_are_one_per_usable_cpu_unless_given(monkeypatch):
     """The scoring pool has one thread per CPU this process may run on (its affinity), else one per CPU
-    (os.cpu_count()), else one; ``threads`` sets it."""
+    (os.cpu_count()), else one; ``threads`` sets it. (One more thread reads the next block.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = []
 
     class Recording(ThreadPoolExecutor):
-        def __init__(self, max_workers=None, *args, **kwargs):
-            sizes.append(max_workers)
-            super().__init__(max_workers, *args, **kwargs)
+        def __init__(self, max_workers=None, thread_name_prefix="", **kwargs):
+            if thread_name_prefix == "expertise-scoring":
+                sizes.append(max_workers)
+            super().__init__(max_workers, thread_name_prefix, **kwargs)
 
     monkeypatch.setattr(expertise, "ThreadPoolExecutor", Recording)
     x = np.random.default_rng(6).normal(size=(10, 2)).astype(np.float32)
@@ -428,8 +440,9 @@ def test_scoring_threads_are_one_per_usable_cpu_unless_given(monkeypatch):
 
 
 def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkeypatch):
-    """Inside a block, units are scored in chunks of _CHUNK_ELEMENTS // N units (at least one), each unit
-    exactly once; the result does not depend on the chunking."""
+    """Inside a block, units are scored in chunks of _CHUNK_ELEMENTS // (what one unit holds: its N
+    responses, its concepts' positives and listed negatives) units (at least one), each unit exactly
+    once; the result does not depend on the chunking."""
     widths = []
     score_units = expertise._score_units
 
@@ -441,7 +454,7 @@ def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkey
     concepts = ConceptRows(["rest"], [np.arange(5)], [np.arange(5, 20)])
     whole = compute_expertise(x, concepts, progress=False)
     monkeypatch.setattr(expertise, "_score_units", recording)
-    for budget, expected in ((60, [2, 2, 3]), (1, [1] * 7)):  # chunks of 3 units, then of 1
+    for budget, expected in ((75, [2, 2, 3]), (74, [1, 2, 2, 2]), (1, [1] * 7)):  # 20 + 5 elements a unit
         widths.clear()
         monkeypatch.setattr(expertise, "_CHUNK_ELEMENTS", budget)
         got = compute_expertise(x, concepts, block_units=5, progress=False)
@@ -450,13 +463,27 @@ def test_chunks_hold_the_units_that_fit_the_cache_budget_each_scored_once(monkey
             np.testing.assert_array_equal(getattr(got, name), getattr(whole, name), err_msg=name)
 
 
-def test_the_walk_reads_each_sentences_concepts_and_counts_rest_negatives_implicitly():
-    """The scoring walk finds, per sentence, the concepts it is a positive of and the listed concepts it
-    is a negative of; a concept against all other sentences lists no negatives."""
+def test_the_plan_lists_each_concepts_rows_padded_and_no_negatives_for_a_rest_concept():
+    """Each concept's positives, and the negatives of concepts that list them, padded with -1; a concept
+    against all other sentences lists no negatives (its negative slot is -1)."""
     concepts = ConceptRows(["listed", "rest"], [np.array([0, 1]), np.array([2, 3, 4])],
                            [np.array([5, 6, 7, 8]), np.array([0, 1, 5, 6, 7, 8, 9])])
     plan = expertise._Plan(expertise._evaluation_sets(concepts, 10), 10)
     assert list(plan.rest_rows) == [1] and list(plan.listed_rows) == [0]
+    assert plan.positive_rows.tolist() == [[0, 1, -1], [2, 3, 4]]
+    assert plan.negative_rows.tolist() == [[5, 6, 7, 8]]
+    assert plan.negative_slot.tolist() == [0, -1]
+    assert plan.unit_elements == 10 + 6 + 4
+
+
+def test_the_walk_reads_each_sentences_concepts_and_counts_rest_negatives_implicitly(monkeypatch):
+    """The scoring walk finds, per sentence, the concepts it is a positive of and the listed concepts it
+    is a negative of; a concept against all other sentences lists no negatives."""
+    monkeypatch.setattr(expertise, "_walk_is_cheaper", lambda *counts: True)
+    concepts = ConceptRows(["listed", "rest"], [np.array([0, 1]), np.array([2, 3, 4])],
+                           [np.array([5, 6, 7, 8]), np.array([0, 1, 5, 6, 7, 8, 9])])
+    plan = expertise._Plan(expertise._evaluation_sets(concepts, 10), 10)
+    assert plan.walks and plan.unit_elements == 3 * 10
 
     def concepts_of(memberships):
         start, concept = memberships
@@ -464,6 +491,35 @@ def test_the_walk_reads_each_sentences_concepts_and_counts_rest_negatives_implic
 
     assert concepts_of(plan.positive_of) == [[0], [0], [1], [1], [1], [], [], [], [], []]
     assert concepts_of(plan.negative_of) == [[], [], [], [], [], [0], [0], [0], [0], []]
+
+
+def test_the_walk_and_the_merge_give_the_same_bits(tied_case, monkeypatch):
+    """Both CPU kernels add the same float64 terms in the same order (from the highest response down),
+    so which one runs never changes a bit of any statistic."""
+    x, concepts, _ = tied_case
+    results = {}
+    for walks in (True, False):
+        monkeypatch.setattr(expertise, "_walk_is_cheaper", lambda *counts, walks=walks: walks)
+        results[walks] = compute_expertise(x, concepts, progress=False)
+    for name in Expertise.STATS:
+        assert np.array_equal(getattr(results[True], name), getattr(results[False], name)), name
+
+
+@pytest.mark.parametrize("n_rows, sizes, walks", [
+    (1_700, [(700, 1_000)], False),  # one concept against the rest: merged, 1.5x faster
+    (5_000, [(250, 1_000)] * 20, False),  # 20 concepts of 1,250 listed rows: merged, about 2x faster
+    (5_050, [(100, 1_000)] * 100, True),  # 100 concepts of 1,100 listed rows: walked, 1.6x faster
+    (5_000, [(250, 4_750)] * 20, True),  # 20 concepts against the rest: about even
+])
+def test_the_cheaper_kernel_is_chosen_from_the_concepts_sizes(n_rows, sizes, walks):
+    n_pos, n_neg = (np.array(column) for column in zip(*sizes))
+    assert expertise._walk_is_cheaper(n_rows, n_pos, n_neg, n_pos + n_neg == n_rows) is walks
+
+
+def test_more_sentences_than_a_walk_item_holds_are_merged(monkeypatch):
+    monkeypatch.setattr(expertise, "_walk_is_cheaper", lambda *counts: True)
+    concepts = ConceptRows(["far"], [np.array([0, 2**32])], [np.array([1, 2**32 + 1])])
+    assert not expertise._Plan(expertise._evaluation_sets(concepts, 2**32 + 2), 2**32 + 2).walks
 
 
 @DEVICES

@@ -84,6 +84,24 @@ def test_the_bos_token_is_not_pooled(tiny_bos_model, pooling, tmp_path):
     assert not np.allclose(got, with_bos, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kept", [
+    [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]],  # right padding: kept by all in [0, 3)
+    [[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 1]],  # and a BOS
+    [[0, 1, 0, 1, 1], [0, 1, 1, 1, 0], [0, 1, 1, 1, 1]],  # a special token inside a sentence
+    [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 0]],  # no token kept by every sentence
+])
+def test_max_pooling_equals_masking_every_left_out_token(kept):
+    """The max-pooling hook takes a plain max over the tokens every sentence keeps and masks only the
+    others; it equals masking all left-out tokens with -inf, bit for bit."""
+    mask = torch.tensor(kept, dtype=torch.bool)
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    pooler = responses_module._Pooler(torch.nn.Module(), [], "max")
+    pooler.set_mask(mask)
+    pooler.out = torch.empty(3, 8)
+    pooler._hook(0, 8)(None, (x,))
+    assert torch.equal(pooler.out, x.masked_fill(~mask[..., None], float("-inf")).amax(dim=1))
+
+
 def test_truncation_is_counted_and_applied(tiny_model, tmp_path):
     lengths = [len(x) for x in tiny_model.tokenizer(SENTENCES)["input_ids"]]
     r = collect_responses(tiny_model, SENTENCES, max_length=6, cache_dir=tmp_path, progress=False)
