@@ -20,8 +20,8 @@ Two kernels count them, and the plan picks the one its concepts' sizes make
 cheaper (:func:`_walk_is_cheaper`); both add the same terms in the same order,
 so the choice never changes a bit.
 
-- The **merge** sorts each concept's positives' responses, and its listed
-  negatives', and merges the two. It costs a sort and a step per listed row:
+- The **merge** sorts the responses of each concept's positives and of its
+  listed negatives, and merges the two. It costs a sort and a step per listed row:
   the choice for a few concepts (one concept against the rest of 1,700
   sentences: 1.5x faster than the walk).
 - The **walk** sorts all the unit's sentences once and steps down them; each
@@ -38,8 +38,9 @@ sum the means in float64.
 Everything is integer-exact up to one float64 division per positive. Work
 streams in blocks of ``block_units`` columns; inside a block, chunks of units
 small enough to stay in cache are scored on ``threads`` threads at once (the
-kernels and numpy's sort release the GIL). Every number depends only on its own unit's column,
-so block and chunk sizes and thread counts never change a result.
+kernels and numpy's sort release the GIL). Every number depends only on its
+own unit's column, so block and chunk sizes and thread counts never change a
+result.
 
 That is also what lets several processes of one run (see
 :mod:`~steer_experts.distributed`) split the units: each scores a fixed range of
@@ -213,7 +214,7 @@ def _score_range(read_columns, score_block, plan: _Plan, n_rows: int, units: ran
 @contextmanager
 def _threaded_scorer(plan: _Plan, threads: int):
     """A block scorer that splits the block into chunks small enough to stay in cache, scored by the
-    compiled kernel on ``threads`` threads at once."""
+    compiled kernels on ``threads`` threads at once."""
     chunk = max(1, _CHUNK_ELEMENTS // plan.unit_elements)
 
     def score_block(block: np.ndarray, out: dict[str, np.ndarray]) -> None:
@@ -459,12 +460,28 @@ def _sort_items(rows, items):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _meet_negative(s, value, negative_start, negative_of, neg_seen, off_sum):  # pragma: no cover - compiled
-    """Count sentence ``s``, responding ``value``, as a negative of every concept that lists it."""
+def _meet_sentence(s, value, untied, start, positive_start, positive_of, negative_start, negative_of, listed,
+                   first_positive, highest_first, pos_seen, neg_seen, on_sum, off_sum, precision_sum,
+                   fp_sum):  # pragma: no cover - compiled
+    """Count sentence ``s``, responding ``value``, as a negative of every concept that lists it and a positive
+    of every concept it is a positive of, recording that response. A sentence no other ties (``untied``, at
+    place ``start`` of the walk) also adds its AP and AUROC terms: no positive ties it, so FP_above = FP,
+    and a sentence is never a negative of a concept it is a positive of. A tie group adds them once all
+    its sentences are counted."""
     for m in range(negative_start[s], negative_start[s + 1]):
         c = negative_of[m]
         neg_seen[c] += 1
         off_sum[c] += value
+    for m in range(positive_start[s], positive_start[s + 1]):
+        c = positive_of[m]
+        place = pos_seen[c]
+        highest_first[first_positive[c] + place] = value
+        pos_seen[c] = place + 1
+        on_sum[c] += value
+        if untied:
+            fp = neg_seen[c] if listed[c] else start - place
+            precision_sum[c] += (place + 1) / (place + 1 + fp)
+            fp_sum[c] += 2 * fp
 
 
 @numba.njit(nogil=True, cache=True)
@@ -507,24 +524,13 @@ def _walk_units(rows, items, positive_start, positive_of, negative_start, negati
             stop = start + 1
             while stop < n and order[stop] >> _SENTENCE_BITS == order[start] >> _SENTENCE_BITS:
                 stop += 1
-            if stop == start + 1:
-                # A response no other sentence ties (most are), in one pass, which scores 25% faster: no
-                # positive ties it, so FP_above = FP, and a sentence is never a negative of a concept
-                # it is a positive of.
+            untied = stop == start + 1
+            if untied:  # most responses: one pass, 25% faster on continuous responses
                 s = np.int64(order[start] & _SENTENCE_MASK)
-                value = row[s]
-                total += value
-                _meet_negative(s, value, negative_start, negative_of, neg_seen, off_sum)
-                for m in range(positive_start[s], positive_start[s + 1]):
-                    c = positive_of[m]
-                    place = pos_seen[c]
-                    highest_first[first_positive[c] + place] = value
-                    tp = place + 1
-                    fp = neg_seen[c] if listed[c] else start - place
-                    pos_seen[c] = tp
-                    on_sum[c] += value
-                    precision_sum[c] += tp / (tp + fp)
-                    fp_sum[c] += 2 * fp
+                total += row[s]
+                _meet_sentence(s, row[s], True, start, positive_start, positive_of, negative_start, negative_of,
+                               listed, first_positive, highest_first, pos_seen, neg_seen, on_sum, off_sum,
+                               precision_sum, fp_sum)
                 start = stop
                 continue
             for k in range(start, stop):
@@ -534,15 +540,10 @@ def _walk_units(rows, items, positive_start, positive_of, negative_start, negati
                     fp_sum[c] += neg_seen[c] if listed[c] else start - pos_seen[c]
             for k in range(start, stop):
                 s = np.int64(order[k] & _SENTENCE_MASK)
-                value = row[s]
-                total += value
-                _meet_negative(s, value, negative_start, negative_of, neg_seen, off_sum)
-                for m in range(positive_start[s], positive_start[s + 1]):
-                    c = positive_of[m]
-                    place = pos_seen[c]
-                    highest_first[first_positive[c] + place] = value
-                    pos_seen[c] = place + 1
-                    on_sum[c] += value
+                total += row[s]
+                _meet_sentence(s, row[s], False, start, positive_start, positive_of, negative_start, negative_of,
+                               listed, first_positive, highest_first, pos_seen, neg_seen, on_sum, off_sum,
+                               precision_sum, fp_sum)
             for k in range(start, stop):
                 s = np.int64(order[k] & _SENTENCE_MASK)
                 for m in range(positive_start[s], positive_start[s + 1]):
